@@ -1,0 +1,162 @@
+"""The public DDF op: `ddf_jax.ddf`."""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS, DDFConfig, get_op
+
+# The implementation used when `implementation=None`. A GPU kernel becomes the
+# GPU default only after its tests have passed on a real GPU and BENCHMARKS.md
+# records it; until then XLA is the default everywhere.
+DEFAULT_IMPLEMENTATION = {"gpu": "xla", "cuda": "xla", "rocm": "xla"}
+
+
+def default_implementation(platform: Optional[str] = None) -> str:
+    """The implementation `ddf` uses for `platform` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    return DEFAULT_IMPLEMENTATION.get(platform, "xla")
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_float(array, name: str) -> None:
+    dtype = jnp.result_type(array)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {dtype}"
+        )
+
+
+def make_config(kernel_size, stride=1, dilation=1, combine="mul") -> DDFConfig:
+    """Validates the static arguments of `ddf` and returns the `DDFConfig`."""
+    kernel_size = _positive_int(kernel_size, "kernel_size")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    stride = _positive_int(stride, "stride")
+    dilation = _positive_int(dilation, "dilation")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    return DDFConfig(kernel_size, stride, dilation, combine)
+
+
+def _canonical_filters(x, channel_filter, spatial_filter, config: DDFConfig):
+    """Checks shapes and returns spatial_filter as (N, Ho, Wo, G, K)."""
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"x must be 4-D (N, H, W, C), got shape {jnp.shape(x)}")
+    n, h, w, c = jnp.shape(x)
+    k2 = config.taps
+    ho, wo = config.output_size(h), config.output_size(w)
+    if jnp.shape(channel_filter) != (n, c, k2):
+        raise ValueError(
+            f"channel_filter must have shape (N, C, kernel_size**2) = {(n, c, k2)}, "
+            f"got {jnp.shape(channel_filter)}"
+        )
+    sf_shape = jnp.shape(spatial_filter)
+    if len(sf_shape) == 4:
+        expected = (n, ho, wo, k2)
+        if sf_shape != expected:
+            raise ValueError(
+                f"spatial_filter must have shape (N, ceil(H/stride), ceil(W/stride), kernel_size**2)"
+                f" = {expected}, got {sf_shape}"
+            )
+        spatial_filter = jnp.reshape(spatial_filter, (n, ho, wo, 1, k2))
+    elif len(sf_shape) == 5:
+        heads = sf_shape[3]
+        expected = (n, ho, wo, heads, k2)
+        if sf_shape != expected:
+            raise ValueError(
+                "spatial_filter must have shape (N, ceil(H/stride), ceil(W/stride), heads, "
+                f"kernel_size**2) = {expected}, got {sf_shape}"
+            )
+        if heads < 1 or c % heads:
+            raise ValueError(
+                f"the number of heads (spatial_filter.shape[3]) must divide C={c}, got {heads}"
+            )
+    else:
+        raise ValueError(
+            "spatial_filter must be 4-D (N, Ho, Wo, K) or 5-D (N, Ho, Wo, heads, K), "
+            f"got shape {sf_shape}"
+        )
+    return spatial_filter
+
+
+def ddf(
+    x: jax.Array,
+    channel_filter: jax.Array,
+    spatial_filter: jax.Array,
+    *,
+    kernel_size: int,
+    stride: int = 1,
+    dilation: int = 1,
+    combine: str = "mul",
+    implementation: Optional[str] = None,
+) -> jax.Array:
+    """Decoupled dynamic filtering: a depthwise conv whose filter varies per pixel and channel.
+
+    For tap t = ky * k + kx, r = (k - 1) // 2 and head g(c) = c // (C // G):
+
+        out[n, i, j, c] = sum_t x[n, i*s + (ky - r)*d, j*s + (kx - r)*d, c]
+                                * comb(spatial_filter[n, i, j, g(c), t], channel_filter[n, c, t])
+
+    with x zero outside the image and comb = product ("mul") or sum ("add").
+    Output pixel (i, j) is centred on input pixel (i*s, j*s). There is no bias.
+
+    Args:
+        x: input, (N, H, W, C), float16/bfloat16/float32 (float64 with x64).
+        channel_filter: per-sample, per-channel filter, (N, C, K) with
+            K = kernel_size**2, taps in row-major order.
+        spatial_filter: per-pixel filter, (N, Ho, Wo, K) for one head or
+            (N, Ho, Wo, G, K) for G heads (G divides C), where
+            Ho = ceil(H / stride) and Wo = ceil(W / stride).
+        kernel_size: odd k >= 1.
+        stride: s >= 1.
+        dilation: d >= 1.
+        combine: "mul" or "add".
+        implementation: "xla", "pallas_triton", "jax_triton", or None for the
+            default of the current backend (see `default_implementation`).
+
+    Returns:
+        (N, Ho, Wo, C) in x's dtype. Accumulation is float32 (float64 for
+        float64 inputs). Differentiable in all three array arguments.
+
+    Raises:
+        ValueError: bad kernel_size, stride, dilation, combine, implementation
+            or shapes.
+        TypeError: non-integer static arguments or non-floating arrays.
+        ddf_jax.kernels.ImplementationUnavailable: the implementation cannot
+            run on this platform.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, ddf_jax
+        >>> x = jnp.ones((2, 9, 7, 8))
+        >>> cf = jnp.ones((2, 8, 9))
+        >>> sf = jnp.ones((2, 5, 4, 9))
+        >>> ddf_jax.ddf(x, cf, sf, kernel_size=3, stride=2).shape
+        (2, 5, 4, 8)
+    """
+    config = make_config(kernel_size, stride, dilation, combine)
+    for array, name in ((x, "x"), (channel_filter, "channel_filter"), (spatial_filter, "spatial_filter")):
+        _check_float(array, name)
+    spatial_filter_5d = _canonical_filters(x, channel_filter, spatial_filter, config)
+    if implementation is None:
+        implementation = default_implementation()
+    elif implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    op = get_op(implementation, jax.default_backend())
+    out = op(jnp.asarray(x), jnp.asarray(channel_filter), spatial_filter_5d, config)
+    return out
