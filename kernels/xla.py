@@ -129,7 +129,7 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
         if config.combine == "mul":
             highest = lax.Precision.HIGHEST
             d_spatial = jnp.einsum("npgc,ngc->npg", gx, cf_t.reshape(n, heads, group), precision=highest)
-            d_channel = jnp.einsum("npgc,npg->ngc", gx, sf_t.reshape(n, -1, heads), precision=highest)
+            d_channel = jnp.einsum("npgc,npg->ngc", gx, sf_t.reshape(n, out_h * out_w, heads), precision=highest)
         else:
             d_spatial, d_channel = gx.sum(axis=3), gx.sum(axis=1)
         return dx_phases, (d_spatial.reshape(n, out_h, out_w, heads), d_channel.reshape(n, c))
