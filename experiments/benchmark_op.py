@@ -41,12 +41,15 @@ from ddf_jax.kernels import ImplementationUnavailable
 OFFICIAL_SHAPES = [(2, 200, 300, 256, 3, 1)] + [(32, s, s, 256, 3, 1) for s in (224, 112, 56, 28, 14, 7)]
 # Shows how the cost grows with k (the official op's weak spot).
 KERNEL_SWEEP = [(32, 56, 56, 256, k, 1) for k in (3, 5, 7)]
+# The shape the performance goals are stated at.
+GOAL_SHAPE = [(32, 56, 56, 256, 3, 1)]
 CPU_SHAPES = [(8, 56, 56, 64, 3, 1), (8, 56, 56, 64, 5, 1), (8, 28, 28, 128, 3, 2), (4, 15, 13, 48, 3, 2)]
 SHAPE_SETS = {
     "cpu": CPU_SHAPES,
     "official": OFFICIAL_SHAPES,
     "ksweep": KERNEL_SWEEP,
-    "gpu": OFFICIAL_SHAPES + KERNEL_SWEEP,
+    "goal": GOAL_SHAPE,
+    "gpu": OFFICIAL_SHAPES + KERNEL_SWEEP[1:],
 }
 
 
@@ -121,13 +124,14 @@ def bench_shape(shape, dtype, implementations, repeats, baselines=True) -> list[
     kernel = jax.random.normal(keys[3], (k, k, 1, c), dtype)
     itemsize = jnp.dtype(dtype).itemsize
     candidates: dict[str, tuple[Callable, tuple]] = {}
+    if baselines:
+        candidates["depthwise"] = (lambda x, kern: depthwise_conv(x, kern, s), (x, kernel))
     for impl in implementations:
         candidates[impl] = (
             lambda x, cf, sf, impl=impl: ddf_jax.ddf(x, cf, sf, kernel_size=k, stride=s, implementation=impl),
             (x, cf, sf),
         )
     if baselines:
-        candidates["depthwise"] = (lambda x, kern: depthwise_conv(x, kern, s), (x, kernel))
         candidates["unfold"] = (lambda x, cf, sf: unfold_ddf(x, cf, sf, k, s), (x, cf, sf))
     rows = []
     for name, (fn, args) in candidates.items():
@@ -148,13 +152,18 @@ def bench_shape(shape, dtype, implementations, repeats, baselines=True) -> list[
     return rows
 
 
-def format_table(rows: list[Row], bandwidth: Optional[float]) -> str:
+def table_header(bandwidth: Optional[float]) -> str:
     header = "| shape (N,H,W,C) | k | s | mode | method | ms | vs depthwise |"
     sep = "|---|---|---|---|---|---|---|"
     if bandwidth:
         header += " GB/s | % of copy BW |"
         sep += "---|---|"
-    lines = [header, sep]
+    return header + "\n" + sep
+
+
+def table_rows(rows: list[Row], bandwidth: Optional[float]) -> str:
+    """Markdown rows; ratios are to the depthwise conv of the same shape and mode."""
+    lines = []
     base = {(r.shape, r.mode): r.seconds for r in rows if r.method == "depthwise"}
     for r in rows:
         n, h, w, c, k, s = r.shape
@@ -195,22 +204,30 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth() if on_gpu else None
     if bandwidth:
         print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
-    rows = []
-    for shape in SHAPE_SETS[args.set]:
-        print(f"shape {shape} {args.dtype}", file=sys.stderr, flush=True)
-        rows += bench_shape(shape, dtype, impls, args.repeats, baselines=not args.no_baselines)
-    table = format_table(rows, bandwidth)
     title = (
         f"DDF op, {args.dtype}, set '{args.set}', {device.device_kind}, jax {jax.__version__}, "
         f"{datetime.date.today().isoformat()}"
     )
     if bandwidth:
         title += f", copy bandwidth {bandwidth / 1e9:.0f} GB/s"
-    print(f"\n{title}\n\n{table}")
+    if args.markdown:
+        # Written shape by shape, so a run cut short keeps what it measured.
+        with open(args.markdown, "a") as f:
+            command = " ".join(argv if argv is not None else sys.argv[1:])
+            f.write(f"### {title}\n\n`python -m experiments.benchmark_op {command}`\n\n")
+            f.write(table_header(bandwidth) + "\n")
+    rows = []
+    for shape in SHAPE_SETS[args.set]:
+        print(f"shape {shape} {args.dtype}", file=sys.stderr, flush=True)
+        shape_rows = bench_shape(shape, dtype, impls, args.repeats, baselines=not args.no_baselines)
+        rows += shape_rows
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(table_rows(shape_rows, bandwidth) + "\n")
     if args.markdown:
         with open(args.markdown, "a") as f:
-            f.write(f"### {title}\n\n`python -m experiments.benchmark_op {' '.join(argv or sys.argv[1:])}`\n\n")
-            f.write(table + "\n\n")
+            f.write("\n")
+    print(f"\n{title}\n\n{table_header(bandwidth)}\n{table_rows(rows, bandwidth)}")
     return 0
 
 
