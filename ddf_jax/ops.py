@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Optional
 
@@ -157,6 +158,15 @@ def ddf(
         implementation = default_implementation()
     elif implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    op = get_op(implementation, jax.default_backend())
-    out = op(jnp.asarray(x), jnp.asarray(channel_filter), spatial_filter_5d, config)
-    return out
+    platform = jax.default_backend()
+    args = (x, channel_filter, spatial_filter_5d)
+    if any(isinstance(a, jax.core.Tracer) for a in args):
+        # Already inside a transformation: let the caller's jit see the op itself.
+        return get_op(implementation, platform)(*args, config)
+    return _apply_jitted(*args, config, implementation, platform)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _apply_jitted(x, channel_filter, spatial_filter, config: DDFConfig, implementation: str, platform: str):
+    """Eager calls: compiled once per shape instead of dispatched op by op."""
+    return get_op(implementation, platform)(x, channel_filter, spatial_filter, config)
