@@ -21,8 +21,9 @@ non-GPU platform or without the packages raises `ImplementationUnavailable`.
 
 Limits: first-order gradients only (the backward kernels are not themselves
 differentiable); a single image must have fewer than 2**31 pixels (tensors
-may have more than 2**31 elements). The tile sizes in `BlockSizes.get_default`
-are starting points that have not been tuned on a GPU yet.
+may have more than 2**31 elements). `BlockSizes.get_default` takes its tiles
+from `tuning.py`: a tuned table entry for the launch's shape class on this
+device kind, else untuned heuristic starting points.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from . import tuning
 from .common import DDFConfig, ImplementationUnavailable, accumulation_dtype, make_ddf_op
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
@@ -49,10 +51,6 @@ _MAX_PIXELS = 2**31 - 1
 # `launch(*arrays, kernel=..., out_shape=..., grid=..., num_warps=..., num_stages=..., **constexprs)`,
 # the signature of `jax_triton.triton_call`.
 Launcher = Callable[..., Any]
-
-
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
 
 
 def _is_power_of_2(value: int) -> bool:
@@ -73,8 +71,13 @@ class BlockSizes:
             larger tiles mean fewer partials.
         filter_channels: channels per step of the filter kernel's channel loop
             (inside one head).
-        num_warps: warps per program, for every kernel.
-        num_stages: software-pipelining depth, for every kernel.
+        num_warps: warps per program of the forward kernel, and of the other
+            kernels unless dx_num_warps / filter_num_warps are set.
+        num_stages: software-pipelining depth, likewise.
+        dx_num_warps: warps of the dx kernel (None: num_warps).
+        dx_num_stages: pipelining depth of the dx kernel (None: num_stages).
+        filter_num_warps: warps of the filter kernel (None: num_warps).
+        filter_num_stages: pipelining depth of the filter kernel (None: num_stages).
     """
 
     forward_pixels: int
@@ -85,15 +88,21 @@ class BlockSizes:
     filter_channels: int
     num_warps: int = 4
     num_stages: int = 2
+    dx_num_warps: Optional[int] = None
+    dx_num_stages: Optional[int] = None
+    filter_num_warps: Optional[int] = None
+    filter_num_stages: Optional[int] = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if value is None and field.default is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"BlockSizes.{field.name} must be an int, got {value!r}")
-            if field.name == "num_stages":
+            if field.name.endswith("num_stages"):
                 if value < 1:
-                    raise ValueError(f"BlockSizes.num_stages must be >= 1, got {value}")
+                    raise ValueError(f"BlockSizes.{field.name} must be >= 1, got {value}")
             elif not _is_power_of_2(value):
                 raise ValueError(f"BlockSizes.{field.name} must be a power of two, got {value}")
 
@@ -104,37 +113,40 @@ class BlockSizes:
         heads: int = 1,
         in_pixels: Optional[int] = None,
         out_pixels: Optional[int] = None,
+        *,
+        taps: Optional[int] = None,
+        dtype=None,
     ) -> "BlockSizes":
-        """Default tiles for C channels in G heads (untuned starting points).
+        """Tiles for C channels in G heads: tuned ones if known, else the heuristic.
 
-        Channel tiles are capped at 64 (forward, dx) or 32 (filter kernel, per
-        head), and pixel tiles fill about 4096 elements, at most 256 pixels and
-        no more than the image has (rounded up to a power of two, at least 16).
+        Each kernel's tiles come from `ddf_jax.kernels.tuning.choose_configs`:
+        the tuning table's entry for its shape class when the table was tuned
+        on this device kind (needs `taps` and `dtype`), otherwise the
+        heuristic: channel tiles capped at 64 (forward, dx) or 32 (filter
+        kernel, per head), and pixel tiles of about 4096 elements, at most 256
+        pixels and no more than the image has (rounded up to a power of two,
+        at least 16). Table entries are used as they are, without the image cap.
 
         Args:
             channels: C.
             heads: G, the number of spatial-filter heads (divides C).
-            in_pixels: H * W, if known (caps the dx pixel tile).
-            out_pixels: Ho * Wo, if known (caps the forward and filter pixel tiles).
+            in_pixels: H * W, if known (caps the heuristic dx pixel tile).
+            out_pixels: Ho * Wo, if known (caps the heuristic forward and
+                filter pixel tiles).
+            taps: K = kernel_size ** 2; None skips the tuning table.
+            dtype: x's dtype; None skips the tuning table.
         """
-        group = max(1, channels // max(1, heads))
-
-        def pixel_tile(channel_tile, pixels):
-            tile = min(256, max(16, 4096 // channel_tile))
-            if pixels is not None:
-                tile = min(tile, max(16, _next_power_of_2(pixels)))
-            return tile
-
-        channel_tile = min(64, _next_power_of_2(channels))
-        filter_channel_tile = min(32, _next_power_of_2(group))
-        return cls(
-            forward_pixels=pixel_tile(channel_tile, out_pixels),
-            forward_channels=channel_tile,
-            dx_pixels=pixel_tile(channel_tile, in_pixels),
-            dx_channels=channel_tile,
-            filter_pixels=pixel_tile(filter_channel_tile, out_pixels),
-            filter_channels=filter_channel_tile,
+        # The heuristic does not depend on K; without K there is no shape class.
+        configs = tuning.choose_configs(
+            "jax_triton",
+            channels=channels,
+            taps=taps if taps is not None else 1,
+            heads=heads,
+            dtype=dtype if taps is not None else None,
+            in_pixels=in_pixels,
+            out_pixels=out_pixels,
         )
+        return cls(**tuning.block_size_fields("jax_triton", configs))
 
 
 class LaunchSpec(NamedTuple):
@@ -190,12 +202,15 @@ def _check_grid(grid: tuple, kernel_name: str) -> tuple:
     return tuple(int(g) for g in grid)
 
 
-def _resolve_blocks(block_sizes: Optional[BlockSizes], x_shape, spatial_filter_shape) -> BlockSizes:
-    if block_sizes is not None:
-        return block_sizes
-    _, h, w, c = x_shape
-    _, out_h, out_w, heads, _ = spatial_filter_shape
-    return BlockSizes.get_default(c, heads, in_pixels=h * w, out_pixels=out_h * out_w)
+def _resolve_blocks(block_sizes: Optional[BlockSizes], x, spatial_filter, role: str) -> tuning.LaunchConfig:
+    """One kernel's tiles and launch options: from `block_sizes`, else `BlockSizes.get_default`."""
+    if block_sizes is None:
+        _, h, w, c = x.shape
+        _, out_h, out_w, heads, taps = spatial_filter.shape
+        block_sizes = BlockSizes.get_default(
+            c, heads, in_pixels=h * w, out_pixels=out_h * out_w, taps=taps, dtype=x.dtype
+        )
+    return tuning.launch_config("jax_triton", block_sizes, role)
 
 
 def forward_launch(x, channel_filter, spatial_filter, config: DDFConfig, block_sizes=None) -> LaunchSpec:
@@ -213,11 +228,11 @@ def forward_launch(x, channel_filter, spatial_filter, config: DDFConfig, block_s
     """
     n, _, _, c = x.shape
     _, out_h, out_w, _, _ = spatial_filter.shape
-    blocks = _resolve_blocks(block_sizes, x.shape, spatial_filter.shape)
+    blocks = _resolve_blocks(block_sizes, x, spatial_filter, "forward")
     fp64 = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype) == jnp.float64
     constexprs = _shape_constexprs(x.shape, spatial_filter.shape, config, fp64)
-    constexprs.update(BLOCK_P=blocks.forward_pixels, BLOCK_C=blocks.forward_channels)
-    grid = (n * _cdiv(out_h * out_w, blocks.forward_pixels), _cdiv(c, blocks.forward_channels))
+    constexprs.update(BLOCK_P=blocks.block_pixels, BLOCK_C=blocks.block_channels)
+    grid = (n * _cdiv(out_h * out_w, blocks.block_pixels), _cdiv(c, blocks.block_channels))
     return LaunchSpec(
         "ddf_fwd_kernel",
         (jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype),),
@@ -235,14 +250,14 @@ def dx_launch(x, channel_filter, spatial_filter, grad_out, config: DDFConfig, bl
         A `LaunchSpec` whose single output is dx, (N, H, W, C) in x's dtype.
     """
     n, h, w, c = x.shape
-    blocks = _resolve_blocks(block_sizes, x.shape, spatial_filter.shape)
+    blocks = _resolve_blocks(block_sizes, x, spatial_filter, "dx")
     fp64 = (
         accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
         == jnp.float64
     )
     constexprs = _shape_constexprs(x.shape, spatial_filter.shape, config, fp64)
-    constexprs.update(BLOCK_P=blocks.dx_pixels, BLOCK_C=blocks.dx_channels)
-    grid = (n * _cdiv(h * w, blocks.dx_pixels), _cdiv(c, blocks.dx_channels))
+    constexprs.update(BLOCK_P=blocks.block_pixels, BLOCK_C=blocks.block_channels)
+    grid = (n * _cdiv(h * w, blocks.block_pixels), _cdiv(c, blocks.block_channels))
     return LaunchSpec(
         "ddf_bwd_dx_kernel",
         (jax.ShapeDtypeStruct((n, h, w, c), x.dtype),),
@@ -266,11 +281,11 @@ def filter_launch(
     """
     n, _, _, c = x.shape
     _, out_h, out_w, _, taps = spatial_filter.shape
-    blocks = _resolve_blocks(block_sizes, x.shape, spatial_filter.shape)
+    blocks = _resolve_blocks(block_sizes, x, spatial_filter, "filters")
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
     constexprs = _shape_constexprs(x.shape, spatial_filter.shape, config, acc == jnp.float64)
-    constexprs.update(BLOCK_P=blocks.filter_pixels, BLOCK_C=blocks.filter_channels)
-    pixel_tiles = _cdiv(out_h * out_w, blocks.filter_pixels)
+    constexprs.update(BLOCK_P=blocks.block_pixels, BLOCK_C=blocks.block_channels)
+    pixel_tiles = _cdiv(out_h * out_w, blocks.block_pixels)
     return LaunchSpec(
         "ddf_bwd_filter_kernel",
         (

@@ -52,6 +52,9 @@ Kernels:
   into a (N, pixel tiles, C, K) buffer that XLA then sums over the tile axis:
   a deterministic two-stage reduction instead of atomics.
 
+Tile sizes and launch options (`BlockSizes`) come from `tuning.py`: a tuned
+table entry for the call's shape class on this device kind, else a heuristic.
+
 On the GPU the calls always carry `pltriton.CompilerParams`, which selects the
 Triton lowering (without it Pallas would pick Mosaic GPU). On any other
 platform the same kernels run with `interpret=True`.
@@ -69,17 +72,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from . import tuning
 from .common import DDFConfig, accumulation_dtype, make_ddf_op
 
 GPU_PLATFORMS = ("gpu", "cuda")
-
-
-def _next_power_of_2(value: int) -> int:
-    return 1 if value <= 1 else 1 << (value - 1).bit_length()
-
-
-def _previous_power_of_2(value: int) -> int:
-    return 1 << (max(1, value).bit_length() - 1)
 
 
 def _is_power_of_2(value: int) -> bool:
@@ -94,16 +90,30 @@ class BlockSizes:
     number of elements, so every block size is a power of two; edges that do
     not fill a tile are masked.
 
+    The dx_* and filters_num_* fields are optional: None means "the same as
+    the forward kernel's" (block_pixels, block_channels, num_warps,
+    num_stages), so a `BlockSizes` built from the first six fields alone
+    launches every kernel with one num_warps and num_stages, and dx with the
+    forward tile. `ddf_jax.kernels.tuning.launch_config` resolves a role.
+
     Attributes:
-        block_pixels: BP, flattened pixels per program in the forward and dx
-            kernels.
-        block_channels: BC, channels per program in the forward and dx kernels.
+        block_pixels: BP, flattened output pixels per program in the forward
+            kernel (and in dx unless dx_block_pixels is set).
+        block_channels: BC, channels per program in the forward kernel (and in
+            dx unless dx_block_channels is set).
         filters_block_pixels: flattened output pixels per program in the
             filters kernel. It carries K accumulators of this length, and the
             d_channel_filter partial buffer has ceil(Ho * Wo / this) rows.
         filters_block_channels: channels per loop step in the filters kernel.
-        num_warps: Triton warps per program.
-        num_stages: Triton software-pipelining stages.
+        num_warps: Triton warps per program of the forward kernel (and of the
+            others unless set for them).
+        num_stages: Triton software-pipelining stages, likewise.
+        dx_block_pixels: flattened input pixels per program in the dx kernel.
+        dx_block_channels: channels per program in the dx kernel.
+        dx_num_warps: warps of the dx kernel.
+        dx_num_stages: pipelining stages of the dx kernel.
+        filters_num_warps: warps of the filters kernel.
+        filters_num_stages: pipelining stages of the filters kernel.
     """
 
     block_pixels: int
@@ -112,53 +122,45 @@ class BlockSizes:
     filters_block_channels: int
     num_warps: int = 4
     num_stages: int = 1
+    dx_block_pixels: int | None = None
+    dx_block_channels: int | None = None
+    dx_num_warps: int | None = None
+    dx_num_stages: int | None = None
+    filters_num_warps: int | None = None
+    filters_num_stages: int | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if value is None and field.default is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
-            if field.name.startswith(("block_", "filters_block_")) and not _is_power_of_2(value):
+            if "block_" in field.name and not _is_power_of_2(value):
                 raise ValueError(f"BlockSizes.{field.name} must be a power of two, got {value}")
 
     @classmethod
-    def get_default(cls, channels: int, taps: int, heads: int = 1) -> "BlockSizes":
-        """Starting tiles for C channels, K taps and G heads (not yet tuned on a GPU).
+    def get_default(cls, channels: int, taps: int, heads: int = 1, *, dtype=None) -> "BlockSizes":
+        """Tiles for C channels, K taps and G heads: tuned ones if known, else the heuristic.
+
+        Each kernel's tiles come from `ddf_jax.kernels.tuning.choose_configs`:
+        the tuning table's entry for its shape class when the table was tuned
+        on this device kind, otherwise the heuristic starting points (see
+        `tuning.heuristic_config`).
 
         Args:
             channels: C, the number of channels of x.
             taps: K = kernel_size ** 2.
             heads: G, the number of spatial-filter heads (divides C).
+            dtype: x's dtype; None skips the tuning table (heuristic only).
 
         Returns:
-            The default `BlockSizes`.
+            The `BlockSizes`.
         """
-        # Forward and dx: a (BP, BC) tile of about 2K elements per tap. A
-        # channel run is contiguous in memory, so BC up to 64 channels gives
-        # coalesced 128-byte (bf16) to 256-byte (f32) rows; small C gets a
-        # smaller BC rather than masked lanes, and BP grows to keep the tile
-        # at ~2K elements (more pixels in flight hide the gather latency).
-        block_channels = min(_next_power_of_2(channels), 64)
-        block_pixels = min(max(2048 // block_channels, 16), 256)
-        # Filters: K accumulators of BP pixels live in registers for the whole
-        # channel loop, so K * BP stays near 2K elements (k=3 -> 128, k=5 -> 64,
-        # k=7 -> 32, k=9 -> 16). Channel tiles cover one head's channels and
-        # keep the per-tap (BP, BC) tile near 2K elements as well.
-        group = channels // max(heads, 1)
-        filters_block_pixels = min(max(_previous_power_of_2(2048 // taps), 16), 128)
-        filters_block_channels = min(
-            _next_power_of_2(group), max(2048 // filters_block_pixels, 16), 128
+        configs = tuning.choose_configs(
+            "pallas_triton", channels=channels, taps=taps, heads=heads, dtype=dtype
         )
-        # num_warps 4 and a single stage: the kernels are gather-bound and the
-        # loops are short; both are the first things to tune on a GPU.
-        return cls(
-            block_pixels=block_pixels,
-            block_channels=block_channels,
-            filters_block_pixels=filters_block_pixels,
-            filters_block_channels=filters_block_channels,
-            num_warps=4,
-            num_stages=1,
-        )
+        return cls(**tuning.block_size_fields("pallas_triton", configs))
 
 
 # --------------------------------------------------------------------------
@@ -432,16 +434,17 @@ def ddf_bwd_filters_kernel(
 # --------------------------------------------------------------------------
 
 
-def _compiler_params(block_sizes: BlockSizes):
+def _compiler_params(launch: tuning.LaunchConfig):
     # Always given: without Triton compiler params a GPU pallas_call is
     # routed to Mosaic GPU, which these kernels are not written for.
-    return pltriton.CompilerParams(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
+    return pltriton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _block_sizes(x, spatial_filter, config: DDFConfig, block_sizes: BlockSizes | None) -> BlockSizes:
-    if block_sizes is not None:
-        return block_sizes
-    return BlockSizes.get_default(x.shape[-1], config.taps, spatial_filter.shape[3])
+def _launch_config(x, spatial_filter, config: DDFConfig, block_sizes: BlockSizes | None, role: str):
+    """One kernel's tiles and launch options: from `block_sizes`, else `BlockSizes.get_default`."""
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(x.shape[-1], config.taps, spatial_filter.shape[3], dtype=x.dtype)
+    return tuning.launch_config("pallas_triton", block_sizes, role)
 
 
 def forward(
@@ -469,22 +472,22 @@ def forward(
     """
     n, _, _, channels = x.shape
     _, out_h, out_w, _, _ = spatial_filter.shape
-    blocks = _block_sizes(x, spatial_filter, config, block_sizes)
+    launch = _launch_config(x, spatial_filter, config, block_sizes, "forward")
     acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype)
     kernel = functools.partial(
         ddf_fwd_kernel,
         config=config,
-        block_pixels=blocks.block_pixels,
-        block_channels=blocks.block_channels,
+        block_pixels=launch.block_pixels,
+        block_channels=launch.block_channels,
         acc_dtype=acc_dtype,
     )
-    grid = (pl.cdiv(out_h * out_w, blocks.block_pixels), pl.cdiv(channels, blocks.block_channels), n)
+    grid = (pl.cdiv(out_h * out_w, launch.block_pixels), pl.cdiv(channels, launch.block_channels), n)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, out_h, out_w, channels), x.dtype),
         grid=grid,
         interpret=interpret,
-        compiler_params=_compiler_params(blocks),
+        compiler_params=_compiler_params(launch),
         name="ddf_fwd",
     )(x, channel_filter, spatial_filter)
 
@@ -515,34 +518,93 @@ def backward(
         (N, Ho, Wo, G, K)), all in the accumulation dtype (float32, or float64
         when any input is float64).
     """
-    n, height, width, channels = x.shape
-    _, out_h, out_w, heads, taps = spatial_filter.shape
-    blocks = _block_sizes(x, spatial_filter, config, block_sizes)
-    acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
-    params = _compiler_params(blocks)
+    kwargs = dict(interpret=interpret, block_sizes=block_sizes)
+    dx = backward_dx(x, channel_filter, spatial_filter, grad_out, config, **kwargs)
+    d_channel_filter, d_spatial_filter = backward_filters(
+        x, channel_filter, spatial_filter, grad_out, config, **kwargs
+    )
+    return dx, d_channel_filter, d_spatial_filter
 
+
+def backward_dx(
+    x,
+    channel_filter,
+    spatial_filter,
+    grad_out,
+    config: DDFConfig,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+):
+    """dx with `ddf_bwd_dx_kernel`: the first half of `backward`.
+
+    Args:
+        x: (N, H, W, C); only its shape and dtype are used.
+        channel_filter: (N, C, K).
+        spatial_filter: (N, Ho, Wo, G, K).
+        grad_out: (N, Ho, Wo, C), the cotangent of the output.
+        config: the static `DDFConfig`.
+        interpret: run the kernel in Pallas interpret mode (any platform).
+        block_sizes: tiles; `BlockSizes.get_default` when None.
+
+    Returns:
+        dx, (N, H, W, C) in the accumulation dtype.
+    """
+    n, height, width, channels = x.shape
+    launch = _launch_config(x, spatial_filter, config, block_sizes, "dx")
+    acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
     dx_kernel = functools.partial(
         ddf_bwd_dx_kernel,
         config=config,
-        block_pixels=blocks.block_pixels,
-        block_channels=blocks.block_channels,
+        block_pixels=launch.block_pixels,
+        block_channels=launch.block_channels,
     )
-    dx = pl.pallas_call(
+    return pl.pallas_call(
         dx_kernel,
         out_shape=jax.ShapeDtypeStruct((n, height, width, channels), acc_dtype),
-        grid=(pl.cdiv(height * width, blocks.block_pixels), pl.cdiv(channels, blocks.block_channels), n),
+        grid=(pl.cdiv(height * width, launch.block_pixels), pl.cdiv(channels, launch.block_channels), n),
         interpret=interpret,
-        compiler_params=params,
+        compiler_params=_compiler_params(launch),
         name="ddf_bwd_dx",
     )(channel_filter, spatial_filter, grad_out)
 
+
+def backward_filters(
+    x,
+    channel_filter,
+    spatial_filter,
+    grad_out,
+    config: DDFConfig,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+):
+    """d_channel_filter and d_spatial_filter with `ddf_bwd_filters_kernel`: the second half of `backward`.
+
+    Args:
+        x: (N, H, W, C).
+        channel_filter: (N, C, K).
+        spatial_filter: (N, Ho, Wo, G, K).
+        grad_out: (N, Ho, Wo, C), the cotangent of the output.
+        config: the static `DDFConfig`.
+        interpret: run the kernel in Pallas interpret mode (any platform).
+        block_sizes: tiles; `BlockSizes.get_default` when None.
+
+    Returns:
+        (d_channel_filter (N, C, K), d_spatial_filter (N, Ho, Wo, G, K)), in
+        the accumulation dtype.
+    """
+    n, _, _, channels = x.shape
+    _, out_h, out_w, heads, taps = spatial_filter.shape
+    launch = _launch_config(x, spatial_filter, config, block_sizes, "filters")
+    acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
     filters_kernel = functools.partial(
         ddf_bwd_filters_kernel,
         config=config,
-        block_pixels=blocks.filters_block_pixels,
-        block_channels=blocks.filters_block_channels,
+        block_pixels=launch.block_pixels,
+        block_channels=launch.block_channels,
     )
-    pixel_tiles = pl.cdiv(out_h * out_w, blocks.filters_block_pixels)
+    pixel_tiles = pl.cdiv(out_h * out_w, launch.block_pixels)
     d_spatial_filter, d_channel_filter_partial = pl.pallas_call(
         filters_kernel,
         out_shape=(
@@ -551,12 +613,12 @@ def backward(
         ),
         grid=(pixel_tiles, heads, n),
         interpret=interpret,
-        compiler_params=params,
+        compiler_params=_compiler_params(launch),
         name="ddf_bwd_filters",
     )(x, channel_filter, spatial_filter, grad_out)
     # Second stage of the d_channel_filter reduction, in a fixed order.
     d_channel_filter = jnp.sum(d_channel_filter_partial, axis=1)
-    return dx, d_channel_filter, d_spatial_filter
+    return d_channel_filter, d_spatial_filter
 
 
 def make_op(interpret: bool, block_sizes: BlockSizes | None = None):

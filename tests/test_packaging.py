@@ -36,6 +36,7 @@ def test_wheel_ships_kernels_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "ddf_jax/kernels/__init__.py" in names
     assert "ddf_jax/kernels/xla.py" in names
+    assert "ddf_jax/kernels/tuning_table.json" in names, "the tuning table is package data"
     assert not any(n.startswith("kernels/") for n in names), "a top-level 'kernels' package would clash on PyPI"
     assert not any(n.startswith(("tests/", "experiments/")) for n in names)
 
