@@ -18,6 +18,8 @@
 #   benchmarks.md      op benchmark tables (bf16 all shapes, f32 goal shape),
 #                      model throughput table
 #   summary.txt        pass/fail of each stage
+#   tuning_table.json  only with AUTOTUNE_SECONDS > 0 (the run then exceeds 8 minutes;
+#                      copy the table to kernels/tuning_table.json after checking it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +89,14 @@ stage "model throughput, batch 128, 224 px, bf16"
 timeout 120 $PY -m experiments.benchmark_model --models ddf_mul_resnet50,resnet50 --batch 128 --size 224 \
   --dtype bfloat16 --steps 10 --markdown "$OUT/benchmarks.md" 2>&1 | tee "$OUT/bench_model.log"
 record "model benchmark" "${PIPESTATUS[0]}"
+
+# --- 4. optional: autotune (AUTOTUNE_SECONDS=240 bash experiments/gpu_check.sh) --------
+if [ "${AUTOTUNE_SECONDS:-0}" -gt 0 ]; then
+  stage "autotune, budget ${AUTOTUNE_SECONDS}s"
+  timeout $((AUTOTUNE_SECONDS + 90)) $PY -m experiments.autotune --budget-seconds "$AUTOTUNE_SECONDS" \
+    --write "$OUT/tuning_table.json" --results "$OUT/autotune_results.json" 2>&1 | tee "$OUT/autotune.md"
+  record "autotune" "${PIPESTATUS[0]}"
+fi
 
 stage "done"
 cat "$summary"
