@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Any, Callable, Optional
 
 import jax
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddf_jax import ops
+from ddf_jax._checks import check_int, check_odd
 from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS
 
 Array = jax.Array
@@ -56,24 +56,8 @@ _STD_EPSILON = 1e-10
 # Validation helpers.
 
 
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    value = operator.index(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_odd(value, name: str, minimum: int = 1) -> int:
-    value = _check_int(value, name, minimum)
-    if value % 2 == 0:
-        raise ValueError(f"{name} must be odd, got {value}")
-    return value
-
-
 def _check_heads(heads, in_features: int) -> int:
-    heads = _check_int(heads, "heads")
+    heads = check_int(heads, "heads")
     if in_features % heads:
         raise ValueError(f"heads must divide in_features={in_features}, got heads={heads}")
     return heads
@@ -225,7 +209,7 @@ class FilterNorm(nnx.Module):
                 ``normal(stddev=gain / kernel_size)``.
             rngs: random streams; required for "channel".
         """
-        self.kernel_size = _check_odd(kernel_size, "kernel_size")
+        self.kernel_size = check_odd(kernel_size, "kernel_size")
         self.taps = self.kernel_size**2
         if filter_type not in FILTER_TYPES:
             raise ValueError(f"filter_type must be one of {FILTER_TYPES}, got {filter_type!r}")
@@ -239,7 +223,7 @@ class FilterNorm(nnx.Module):
             self.features = None
             self.scale = self.gain / self.kernel_size
         else:
-            self.features = _check_int(features, "features")
+            self.features = check_int(features, "features")
             if rngs is None:
                 raise TypeError("a channel FilterNorm has parameters and needs rngs=nnx.Rngs(...)")
             init = scale_init or nnx.initializers.normal(stddev=self.gain / self.kernel_size)
@@ -334,10 +318,10 @@ class SpatialBranch(nnx.Module):
             bias_init: initializer of the conv biases.
             rngs: random streams.
         """
-        self.in_features = _check_int(in_features, "in_features")
-        self.kernel_size = _check_odd(kernel_size, "kernel_size")
-        self.stride = _check_int(stride, "stride")
-        self.heads = _check_int(heads, "heads")
+        self.in_features = check_int(in_features, "in_features")
+        self.kernel_size = check_odd(kernel_size, "kernel_size")
+        self.stride = check_int(stride, "stride")
+        self.heads = check_int(heads, "heads")
         self.taps = self.kernel_size**2
         conv_kwargs = dict(
             dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs
@@ -346,7 +330,7 @@ class SpatialBranch(nnx.Module):
             self.depthwise = None
             conv_stride = self.stride
         else:
-            dw_kernel_size = _check_odd(dw_kernel_size, "dw_kernel_size")
+            dw_kernel_size = check_odd(dw_kernel_size, "dw_kernel_size")
             self.depthwise = nnx.Conv(
                 self.in_features,
                 self.in_features,
@@ -434,8 +418,8 @@ class ChannelBranch(nnx.Module):
                 normal * gain / kernel_size).
             rngs: random streams.
         """
-        self.in_features = _check_int(in_features, "in_features")
-        self.kernel_size = _check_odd(kernel_size, "kernel_size")
+        self.in_features = check_int(in_features, "in_features")
+        self.kernel_size = check_odd(kernel_size, "kernel_size")
         self.taps = self.kernel_size**2
         self.se_ratio = se_ratio
         self.mid_features = _mid_features(self.in_features, se_ratio)
@@ -557,10 +541,10 @@ class DDF(nnx.Module):
         Raises:
             ValueError, TypeError: invalid arguments (named in the message).
         """
-        self.in_features = _check_int(in_features, "in_features")
-        self.kernel_size = _check_odd(kernel_size, "kernel_size")
-        self.stride = _check_int(stride, "stride")
-        self.dilation = _check_int(dilation, "dilation")
+        self.in_features = check_int(in_features, "in_features")
+        self.kernel_size = check_odd(kernel_size, "kernel_size")
+        self.stride = check_int(stride, "stride")
+        self.dilation = check_int(dilation, "dilation")
         self.heads = _check_heads(heads, self.in_features)
         self.combine = _check_combine(combine)
         _gain(nonlinearity)
@@ -701,19 +685,19 @@ class DDFUp(nnx.Module):
         Raises:
             ValueError, TypeError: invalid arguments (named in the message).
         """
-        self.in_features = _check_int(in_features, "in_features")
-        self.scale = _check_int(scale, "scale")
-        self.kernel_size = _check_odd(kernel_size, "kernel_size")
-        self.dilation = _check_int(dilation, "dilation")
+        self.in_features = check_int(in_features, "in_features")
+        self.scale = check_int(scale, "scale")
+        self.kernel_size = check_odd(kernel_size, "kernel_size")
+        self.dilation = check_int(dilation, "dilation")
         self.heads = _check_heads(heads, self.in_features)
         self.combine = _check_combine(combine)
         _gain(nonlinearity)
         self.nonlinearity = nonlinearity
         _mid_features(self.in_features, se_ratio)
         if guide_features is None:
-            dw_kernel_size = _check_odd(dw_kernel_size, "dw_kernel_size", minimum=3)
+            dw_kernel_size = check_odd(dw_kernel_size, "dw_kernel_size", minimum=3)
         else:
-            guide_features = _check_int(guide_features, "guide_features")
+            guide_features = check_int(guide_features, "guide_features")
         self.dw_kernel_size = dw_kernel_size
         self.guide_features = guide_features
         self.dtype = dtype

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from ddf_jax._checks import check_int, check_odd
 from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS, DDFConfig, get_op
 
 # The implementation used when `implementation=None`. A GPU kernel becomes the
@@ -23,18 +23,6 @@ def default_implementation(platform: Optional[str] = None) -> str:
     return DEFAULT_IMPLEMENTATION.get(platform, "xla")
 
 
-def _positive_int(value, name: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def _check_float(array, name: str) -> None:
     dtype = jnp.result_type(array)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -45,11 +33,9 @@ def _check_float(array, name: str) -> None:
 
 def make_config(kernel_size, stride=1, dilation=1, combine="mul") -> DDFConfig:
     """Validates the static arguments of `ddf` and returns the `DDFConfig`."""
-    kernel_size = _positive_int(kernel_size, "kernel_size")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-    stride = _positive_int(stride, "stride")
-    dilation = _positive_int(dilation, "dilation")
+    kernel_size = check_odd(kernel_size, "kernel_size")
+    stride = check_int(stride, "stride")
+    dilation = check_int(dilation, "dilation")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     return DDFConfig(kernel_size, stride, dilation, combine)

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import importlib
 import json
@@ -69,7 +68,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddf_jax.kernels import DDFConfig, tuning
 from ddf_jax.kernels.common import ImplementationUnavailable

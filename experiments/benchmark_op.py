@@ -31,7 +31,6 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 import ddf_jax

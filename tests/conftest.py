@@ -7,18 +7,11 @@ _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.utils import has_gpu  # noqa: E402
 
-def _has_gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-HAS_GPU = _has_gpu()
+HAS_GPU = has_gpu()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,15 +36,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-
-def _has_gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
+from tests.utils import has_gpu, random_ddf_inputs
 
 
-HAS_GPU = _has_gpu()
+HAS_GPU = has_gpu()
 if not HAS_GPU and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -58,16 +53,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_inputs(seed, n, h, w, c, k, stride=1, heads=1, dtype=np.float32):
-    """Random x (N,H,W,C), channel_filter (N,C,K), spatial_filter (N,Ho,Wo,G,K), grad_out (N,Ho,Wo,C)."""
-    rng = np.random.default_rng(seed)
-    ho, wo = -(-h // stride), -(-w // stride)
-    arrays = (
-        rng.normal(size=(n, h, w, c)),
-        rng.normal(size=(n, c, k * k)),
-        rng.normal(size=(n, ho, wo, heads, k * k)),
-        rng.normal(size=(n, ho, wo, c)),
-    )
-    return tuple(jnp.asarray(a, dtype) for a in arrays)
+    """Random x, channel_filter, spatial_filter (always 5-D), grad_out."""
+    return random_ddf_inputs(seed, n, h, w, c, k, stride, heads, dtype)
 
 
 def relative_error(actual, expected) -> float:

@@ -20,17 +20,12 @@ from jax.test_util import check_grads
 
 import ddf_jax
 from tests.reference import ddf_reference
+from tests.utils import random_ddf_inputs
 
 
 def random_inputs(seed, n, h, w, c, k, stride=1, heads=None, dtype=np.float32):
     """Random x, channel_filter, spatial_filter (4-D when heads is None)."""
-    rng = np.random.default_rng(seed)
-    ho, wo = -(-h // stride), -(-w // stride)
-    x = rng.normal(size=(n, h, w, c))
-    cf = rng.normal(size=(n, c, k * k))
-    sf_shape = (n, ho, wo, k * k) if heads is None else (n, ho, wo, heads, k * k)
-    sf = rng.normal(size=sf_shape)
-    return tuple(jnp.asarray(a, dtype) for a in (x, cf, sf))
+    return random_ddf_inputs(seed, n, h, w, c, k, stride, heads, dtype)[:3]
 
 
 # Every k with every (stride, dilation); heads and combine cycle through their

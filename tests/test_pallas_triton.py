@@ -26,6 +26,7 @@ from jax.test_util import check_grads
 import ddf_jax
 from ddf_jax.kernels import DDFConfig, pallas_triton
 from tests.reference import ddf_reference
+from tests.utils import random_ddf_inputs as random_inputs
 
 IMPL = "pallas_triton"
 
@@ -69,21 +70,6 @@ def case_id(case):
 def interpreting() -> bool:
     """Whether `ddf(..., implementation="pallas_triton")` interprets here."""
     return jax.default_backend() not in pallas_triton.GPU_PLATFORMS
-
-
-def random_inputs(seed, n, h, w, c, k, stride=1, heads=None, dtype=np.float32):
-    """Random x (N,H,W,C), channel_filter (N,C,K), spatial_filter, grad_out (N,Ho,Wo,C).
-
-    spatial_filter is 4-D (N,Ho,Wo,K) when heads is None, else (N,Ho,Wo,G,K).
-    """
-    rng = np.random.default_rng(seed)
-    ho, wo = -(-h // stride), -(-w // stride)
-    x = rng.normal(size=(n, h, w, c))
-    cf = rng.normal(size=(n, c, k * k))
-    sf_shape = (n, ho, wo, k * k) if heads is None else (n, ho, wo, heads, k * k)
-    sf = rng.normal(size=sf_shape)
-    g = rng.normal(size=(n, ho, wo, c))
-    return tuple(jnp.asarray(a, dtype) for a in (x, cf, sf, g))
 
 
 def compile_for_test(f, *args):

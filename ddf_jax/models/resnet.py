@@ -30,13 +30,13 @@ Registered variants (see `ddf_jax.models.list_models()`):
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ddf_jax._checks import check_int
 from ddf_jax.models.registry import register_model
 from ddf_jax.nn import DDF
 
@@ -63,18 +63,6 @@ def _torch_linear_bias_init(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _conv(in_features, out_features, kernel_size, stride, *, dtype, param_dtype, rngs) -> nnx.Conv:
@@ -310,15 +298,15 @@ class ResNet(nnx.Module):
             raise ValueError(f"conv2 must be one of {CONV2_KINDS}, got {conv2!r}")
         if conv2 != "conv" and block != "bottleneck":
             raise ValueError(f"conv2={conv2!r} (DDF) needs block='bottleneck', got block={block!r}")
-        layers = tuple(_check_positive_int(n, "layers[i]") for n in layers)
-        widths = tuple(_check_positive_int(w, "widths[i]") for w in widths)
+        layers = tuple(check_int(n, "layers[i]") for n in layers)
+        widths = tuple(check_int(w, "widths[i]") for w in widths)
         if not layers or len(layers) != len(widths):
             raise ValueError(
                 f"layers and widths must be non-empty and of equal length, got layers={layers}, widths={widths}"
             )
-        num_classes = _check_positive_int(num_classes, "num_classes")
-        in_chans = _check_positive_int(in_chans, "in_chans")
-        stem_width = _check_positive_int(stem_width, "stem_width")
+        num_classes = check_int(num_classes, "num_classes")
+        in_chans = check_int(in_chans, "in_chans")
+        stem_width = check_int(stem_width, "stem_width")
         if conv2 != "conv" and not (0.0 < float(se_ratio) <= 1.0 and int(se_ratio * min(widths)) >= 1):
             raise ValueError(
                 f"se_ratio must be in (0, 1] with int(se_ratio * min(widths)) >= 1, got se_ratio={se_ratio} "

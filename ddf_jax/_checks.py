@@ -1,0 +1,28 @@
+"""Argument checks shared by the op, the layers and the models.
+
+Each raises TypeError or ValueError naming the argument and giving the
+expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """Returns `value` as an int >= `minimum`; bools and non-integers are TypeErrors."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_odd(value, name: str, minimum: int = 1) -> int:
+    """Returns `value` as an odd int >= `minimum`."""
+    value = check_int(value, name, minimum)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be odd, got {value}")
+    return value
