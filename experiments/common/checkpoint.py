@@ -1,0 +1,310 @@
+"""Checkpointing with orbax, exact resume, and protection of finished runs.
+
+`Checkpointer` wraps an `orbax.checkpoint.CheckpointManager`. One checkpoint step is a
+directory `<dir>/<step>/` holding
+
+    state/   the array pytree (e.g. `Trainer.checkpoint_tree()`), via StandardSave
+    data/    the grain iterator position (one JSON file per process)
+    meta/    a small JSON dict (e.g. accumulated training time)
+
+Orbax writes each step to a temporary directory and renames it when complete, so a
+crash never leaves a half-written checkpoint that a resume would pick up; only the
+newest `max_to_keep` steps are kept.
+
+Run-directory protocol (`prepare_run_dir`, `mark_finished`): a run directory holds
+`config.json` (written at start) and, once training has completed, `result.json`.
+Starting again in a directory that has `result.json` returns the stored result
+instead of training (same config) or raises `RunFinishedError` (different config);
+`overwrite=True` deletes the run's files first. Resuming an unfinished run with a
+different config raises `ConfigMismatchError`, except for keys listed as run-control
+keys (worker counts, logging intervals, ...), which may change between restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+RESULT_FILE = "result.json"
+CHECKPOINT_DIR = "checkpoints"
+# Files and directories a run creates; `overwrite=True` deletes exactly these.
+RUN_ARTIFACTS = (CONFIG_FILE, RESULT_FILE, CHECKPOINT_DIR, "metrics.jsonl", "tensorboard")
+
+
+class RunFinishedError(RuntimeError):
+    """Raised when a finished run would be overwritten without `overwrite=True`."""
+
+
+class ConfigMismatchError(ValueError):
+    """Raised when resuming a run with a config that differs from the stored one."""
+
+
+class Checkpointer:
+    """Saves and restores training state, data-iterator position and metadata.
+
+    Args:
+        directory: Checkpoint directory (created); usually `<run_dir>/checkpoints`.
+        max_to_keep: Keep only this many newest checkpoints.
+        async_save: Write array checkpoints in a background thread. The data-iterator
+            state is always captured synchronously at `save` time.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp
+        >>> ckpt = Checkpointer(tempfile.mkdtemp())
+        >>> ckpt.save(3, {"w": jnp.ones(2)}, meta={"seconds": 1.5})
+        >>> tree, meta = ckpt.restore({"w": jnp.zeros(2)})
+        >>> ckpt.latest_step(), meta
+        (3, {'seconds': 1.5})
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = False):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+            ),
+        )
+
+    def latest_step(self) -> Optional[int]:
+        """The newest complete checkpoint step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All complete checkpoint steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        tree: Any,
+        *,
+        data_iterator: Any = None,
+        meta: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """Writes checkpoint `step`.
+
+        Args:
+            step: The training step the state belongs to (after `step` updates).
+            tree: Pytree of arrays (e.g. `Trainer.checkpoint_tree()`).
+            data_iterator: Optional grain `DataLoaderIterator` / `DatasetIterator`
+                positioned after the last batch consumed by `step`.
+            meta: Optional JSON-serialisable dict.
+        """
+        items = {"state": ocp.args.StandardSave(tree)}
+        if data_iterator is not None:
+            import grain.python as grain
+
+            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(dict(meta))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self,
+        abstract_tree: Any = None,
+        *,
+        step: Optional[int] = None,
+        data_iterator: Any = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Reads checkpoint `step` (default: the newest).
+
+        Args:
+            abstract_tree: Pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings)
+                describing the stored tree; the result has its structure and placement.
+                None restores the tree as stored (for inspection).
+            step: Which step; None for the newest.
+            data_iterator: If given, its position is set to the stored one in place.
+
+        Returns:
+            `(tree, meta)`; `meta` is {} when the checkpoint has none.
+
+        Raises:
+            FileNotFoundError: If there is no checkpoint (or not that step).
+        """
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint{'' if step is None else f' for step {step}'} in {self.directory}"
+            )
+        stored = set(os.listdir(os.path.join(self.directory, str(step))))
+        items = {"state": ocp.args.StandardRestore(abstract_tree)}
+        if data_iterator is not None:
+            if "data" not in stored:
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} has no data-iterator state"
+                )
+            import grain.python as grain
+
+            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+        if "meta" in stored:
+            items["meta"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        meta = dict(restored["meta"]) if "meta" in items else {}
+        return restored["state"], meta
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are complete."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _normalise(config: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON round trip, so tuples/lists and numeric types compare as stored."""
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(
+    stored: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (stored value, current value) for every differing config entry.
+
+    Keys in `ignore` (dotted names; a prefix "a" also ignores "a.b") are skipped.
+    """
+    ignore = tuple(ignore)
+    a, b = _flatten(_normalise(stored)), _flatten(_normalise(current))
+    missing = object()
+    diffs = {}
+    for key in sorted(set(a) | set(b)):
+        if any(key == i or key.startswith(i + ".") for i in ignore):
+            continue
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            diffs[key] = (
+                "<absent>" if va is missing else va,
+                "<absent>" if vb is missing else vb,
+            )
+    return diffs
+
+
+def read_result(run_dir: str) -> Optional[dict[str, Any]]:
+    """The stored `result.json` of a finished run, or None if the run has not finished."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json_atomic(path: str, payload: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(
+    run_dir: str,
+    config: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    run_control_keys: Iterable[str] = (),
+) -> Optional[dict[str, Any]]:
+    """Checks a run directory before training and records the config.
+
+    Args:
+        run_dir: The run's directory (created if missing).
+        config: The run's config as a (nested) JSON-serialisable mapping.
+        overwrite: Delete an existing run's files (`RUN_ARTIFACTS`) and start afresh.
+        run_control_keys: Dotted config keys allowed to differ from the stored config
+            (they do not change the result: worker counts, logging, overwrite, ...).
+
+    Returns:
+        The stored result if the directory holds a finished run with the same config
+        (the caller should report it and not train); otherwise None, after writing
+        `config.json`.
+
+    Raises:
+        RunFinishedError: The run finished with a different config and `overwrite`
+            is False.
+        ConfigMismatchError: An unfinished run (with checkpoints) exists with a
+            different config and `overwrite` is False.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if overwrite:
+        if is_main:
+            for name in RUN_ARTIFACTS:
+                path = os.path.join(run_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        logging.info("overwrite: removed previous run files in %s", run_dir)
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    stored_config = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            stored_config = json.load(f)
+    result = read_result(run_dir)
+    if stored_config is not None:
+        diffs = config_differences(stored_config, config, run_control_keys)
+        if diffs:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+            if result is not None:
+                raise RunFinishedError(
+                    f"{run_dir} holds a finished run with a different config ({listed}). "
+                    "Use another workdir, or pass --overwrite / config.overwrite=True to "
+                    "delete it and train again."
+                )
+            if _has_checkpoints(run_dir):
+                raise ConfigMismatchError(
+                    f"{run_dir} holds an unfinished run with a different config ({listed}); "
+                    "resuming would mix two configs. Use another workdir, restore the old "
+                    "config to resume, or pass --overwrite / config.overwrite=True."
+                )
+    elif result is not None:
+        raise RunFinishedError(
+            f"{run_dir} has {RESULT_FILE} but no {CONFIG_FILE}; refusing to touch it. "
+            "Pass --overwrite / config.overwrite=True to delete it."
+        )
+    if result is not None:
+        return result
+    if is_main:
+        _write_json_atomic(config_path, _normalise(config))
+    return None
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    path = os.path.join(run_dir, CHECKPOINT_DIR)
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+def mark_finished(run_dir: str, result: Mapping[str, Any]) -> None:
+    """Writes `result.json`, which marks the run in `run_dir` as finished (process 0)."""
+    if jax.process_index() == 0:
+        _write_json_atomic(os.path.join(run_dir, RESULT_FILE), dict(result))

@@ -1,0 +1,495 @@
+"""Tests for experiments/common and experiments/classification (tiny models, tiny data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ddf_jax import models as ddf_models
+
+from experiments.classification import input_pipeline, train
+from experiments.classification.configs import default as default_config
+from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import loop as loop_lib
+from experiments.common import optim, sharding
+from experiments.common.metrics import MetricsWriter, read_metrics
+from experiments.common.train_state import Trainer
+
+TINY_CONV = {"layers": (1,), "widths": (8,), "stem_width": 8}
+
+
+def tiny_config(**overrides):
+    """The default config shrunk to a one-stage model on 8x8 digits."""
+    config = default_config.get_config()
+    config.models = ("resnet20_cifar",)
+    config.model_overrides = dict(TINY_CONV)
+    config.image_size = 8
+    config.batch_size = 8
+    config.eval_batch_size = 200
+    config.num_train_steps = 1
+    config.log_every_steps = 1
+    config.progress_bar = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def final_state(run_dir):
+    """The newest checkpoint's array tree of a run, as numpy."""
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR))
+    step = ckpt.latest_step()
+    tree, _ = ckpt.restore(step=step)  # As stored.
+    ckpt.close()
+    return step, jax.tree.map(np.asarray, tree)
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, split="train")}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def finished_workdir(tmp_path_factory):
+    """One real `train_and_evaluate` step for a DDF-ResNet and its conv twin (tiny)."""
+    workdir = str(tmp_path_factory.mktemp("cls"))
+    config = tiny_config(
+        models=("ddf_mul_resnet20_cifar", "resnet20_cifar"),
+        model_overrides={"layers": (1,), "widths": (8,), "stem_width": 8},
+    )
+    rows = train.train_and_evaluate(config, workdir)
+    return workdir, config, rows
+
+
+def test_train_and_evaluate_one_step(finished_workdir):
+    workdir, config, rows = finished_workdir
+    assert [r["model"] for r in rows] == list(config.models)
+    with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+        stored = json.load(f)
+    assert stored == rows
+    for row in rows:
+        assert {"model", "params", "macs", "top1", "train_seconds"} <= set(row)
+        assert row["params"] > 0 and row["macs"] > 0
+        assert 0.0 <= row["top1"] <= 1.0 and row["train_seconds"] > 0
+        assert row["steps"] == 1 and row["finished"]
+        run_dir = os.path.join(workdir, row["model"])
+        evals = read_metrics(run_dir, split="eval")
+        assert len(evals) == 1 and evals[0]["count"] == 360  # The whole digits test split.
+        assert np.isfinite(read_metrics(run_dir, split="train")[0]["loss"])
+        assert os.path.exists(os.path.join(run_dir, checkpoint_lib.RESULT_FILE))
+        assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    ddf, conv = rows
+    assert ddf["params"] != conv["params"]  # Really two different models.
+    assert os.path.getsize(os.path.join(workdir, train.CURVES_FILE)) > 1000
+
+
+def test_finished_run_is_reported_not_retrained(finished_workdir, monkeypatch):
+    workdir, config, rows = finished_workdir
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run must not be trained again")
+
+    monkeypatch.setattr(loop_lib, "train_loop", fail)
+    # Run-control keys may differ; the stored result comes back.
+    again = train.train_and_evaluate(tiny_config(**{**config, "log_every_steps": 5}), workdir)
+    assert again == rows
+    # A different config for a finished run is refused.
+    with pytest.raises(checkpoint_lib.RunFinishedError, match="num_train_steps"):
+        train.train_and_evaluate(tiny_config(**{**config, "num_train_steps": 2}), workdir)
+
+
+def test_prepare_run_dir_overwrite_and_mismatch(tmp_path):
+    run_dir = str(tmp_path)
+
+    def prepare(config, **kwargs):
+        return checkpoint_lib.prepare_run_dir(run_dir, config, run_control_keys=("w",), **kwargs)
+
+    assert prepare({"a": 1, "b": [1, 2], "w": 0}) is None
+    os.makedirs(os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR, "3"))
+    # Unfinished run with checkpoints: changing a result-relevant key is refused...
+    with pytest.raises(checkpoint_lib.ConfigMismatchError, match="a: 1 -> 2"):
+        prepare({"a": 2, "b": [1, 2], "w": 0})
+    # ...a run-control key is not; tuples and lists compare equal.
+    assert prepare({"a": 1, "b": (1, 2), "w": 3}) is None
+    checkpoint_lib.mark_finished(run_dir, {"top1": 0.5})
+    assert prepare({"a": 1, "b": [1, 2], "w": 4}) == {"top1": 0.5}
+    with pytest.raises(checkpoint_lib.RunFinishedError, match="overwrite"):
+        prepare({"a": 3, "b": [1, 2], "w": 4})
+    open(os.path.join(run_dir, "notes.txt"), "w").close()  # Not ours: must survive.
+    assert prepare({"a": 3}, overwrite=True) is None
+    assert sorted(os.listdir(run_dir)) == [checkpoint_lib.CONFIG_FILE, "notes.txt"]
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps in one go == 2 steps, a restart from the checkpoint, then 2 more."""
+    config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
+    straight = str(tmp_path / "straight")
+    train.train_and_evaluate(config, straight)
+
+    resumed = str(tmp_path / "resumed")
+    rows = train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), resumed)
+    assert rows[0]["steps"] == 2 and not rows[0]["finished"]
+    run_dir = os.path.join(resumed, "resnet20_cifar")
+    assert checkpoint_lib.read_result(run_dir) is None  # Not finished yet.
+    rows = train.train_and_evaluate(config, resumed)
+    assert rows[0]["steps"] == 4 and rows[0]["finished"]
+
+    step_a, state_a = final_state(os.path.join(straight, "resnet20_cifar"))
+    step_b, state_b = final_state(run_dir)
+    assert step_a == step_b == 4
+    # Parameters, BatchNorm statistics, momentum, step and RNG: bit-identical.
+    chex.assert_trees_all_equal(state_a, state_b)
+    losses_a = train_losses(os.path.join(straight, "resnet20_cifar"))
+    losses_b = train_losses(run_dir)
+    assert sorted(losses_b) == [1, 2, 3, 4]  # No duplicated or lost log records.
+    np.testing.assert_array_equal([losses_a[s] for s in range(1, 5)], [losses_b[s] for s in range(1, 5)])
+
+
+def test_data_parallel_matches_single_device(tmp_path):
+    assert jax.device_count() >= 4, "tests/conftest.py forces 4 CPU devices"
+    runs = {}
+    for n in (1, 4):
+        config = tiny_config(num_train_steps=3, num_devices=n)
+        train.train_and_evaluate(config, str(tmp_path / f"dev{n}"))
+        run_dir = str(tmp_path / f"dev{n}" / "resnet20_cifar")
+        runs[n] = (train_losses(run_dir), read_metrics(run_dir, split="eval")[-1], final_state(run_dir)[1])
+    (loss1, eval1, state1), (loss4, eval4, state4) = runs[1], runs[4]
+    assert sorted(loss1) == sorted(loss4) == [1, 2, 3]
+    np.testing.assert_allclose([loss4[s] for s in (1, 2, 3)], [loss1[s] for s in (1, 2, 3)], rtol=1e-5)
+    np.testing.assert_allclose(eval4["loss"], eval1["loss"], rtol=1e-4)
+    # Global BatchNorm statistics and gradients: the states agree too.
+    chex.assert_trees_all_close(state4, state1, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_must_divide_devices(tmp_path):
+    with pytest.raises(ValueError, match="config.batch_size must be a positive multiple of the number of devices"):
+        train.train_and_evaluate(tiny_config(batch_size=6, num_devices=4), str(tmp_path))
+
+
+def test_unknown_model_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown models"):
+        train.train_and_evaluate(tiny_config(models=("resnet_nonexistent",)), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class _DropoutNet(nnx.Module):
+    """A model that keeps typed PRNG keys in its state (dropout), to test their checkpointing."""
+
+    def __init__(self, *, rngs):
+        self.dense = nnx.Linear(3, 2, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(self.dropout(x))
+
+
+def _dropout_trainer():
+    def loss_fn(model, batch, rng):
+        noise = jax.random.normal(rng, batch["x"].shape)  # Uses the per-step key too.
+        return jnp.mean((model(batch["x"] + 0.1 * noise) - batch["y"]) ** 2), {}
+
+    return Trainer(
+        _DropoutNet(rngs=nnx.Rngs(0, dropout=1)),
+        optim.build_optimizer(0.1, momentum=0.9),
+        loss_fn=loss_fn,
+        mesh=sharding.create_mesh(2),
+        seed=5,
+    )
+
+
+def test_trainer_checkpoint_restores_rng_state(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = [
+        {"x": rng.normal(size=(4, 3)).astype(np.float32), "y": rng.normal(size=(4, 2)).astype(np.float32)}
+        for _ in range(4)
+    ]
+    straight = _dropout_trainer()
+    losses = [float(straight.train_step(sharding.shard_batch(b, straight.mesh))["loss"]) for b in batches]
+
+    first = _dropout_trainer()
+    for b in batches[:2]:
+        first.train_step(sharding.shard_batch(b, first.mesh))
+    with checkpoint_lib.Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(first.step, first.checkpoint_tree())
+    second = _dropout_trainer()
+    with checkpoint_lib.Checkpointer(str(tmp_path)) as ckpt:
+        assert loop_lib.restore_or_initialize(second, ckpt) == (2, {})
+    resumed = [float(second.train_step(sharding.shard_batch(b, second.mesh))["loss"]) for b in batches[2:]]
+    assert resumed == losses[2:]
+    chex.assert_trees_all_equal(nnx.to_pure_dict(second.state)["model"]["dense"],
+                                nnx.to_pure_dict(straight.state)["model"]["dense"])
+    # Dropout masks differ from step to step, so the restored key counter mattered.
+    assert len(set(losses)) == 4
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_schedule_warmup_then_cosine():
+    schedule = optim.build_schedule(0.4, total_steps=100, warmup_steps=10)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in (0, 5, 10, 55, 100)],
+        [0.0, 0.2, 0.4, 0.2, 0.0],
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.build_schedule(0.1, total_steps=5, warmup_steps=6)
+
+
+def test_weight_decay_skips_1d_params():
+    model = nnx.Sequential(
+        nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(1))
+    )
+    model.layers[0].bias[...] = jax.random.normal(jax.random.key(2), (3,))
+    model.layers[1].scale[...] = jax.random.normal(jax.random.key(3), (3,))
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optim.build_optimizer(0.1, momentum=0.9, weight_decay=0.5), wrt=nnx.Param)
+    zero_grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, zero_grads)
+    after = nnx.state(model, nnx.Param)
+    kernel = before["layers"][0]["kernel"][...]
+    np.testing.assert_allclose(after["layers"][0]["kernel"][...], kernel * (1 - 0.1 * 0.5), rtol=1e-6)
+    for path in (("layers", 0, "bias"), ("layers", 1, "scale"), ("layers", 1, "bias")):
+        a, b = after, before
+        for key in path:
+            a, b = a[key], b[key]
+        np.testing.assert_array_equal(a[...], b[...])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_writer_drops_records_after_resume_step(tmp_path):
+    with MetricsWriter(str(tmp_path), tensorboard=False) as writer:
+        for step in (1, 2, 3, 4):
+            writer.write(step, {"loss": jnp.float32(step)})
+    with MetricsWriter(str(tmp_path), resume_step=2, tensorboard=False) as writer:
+        writer.write(3, {"loss": 30.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    with pytest.raises(ValueError, match="scalars"):
+        MetricsWriter(str(tmp_path), tensorboard=False).write(1, {"x": np.ones(2)})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _write_image(path, size, color):
+    from PIL import Image
+
+    rng = np.random.default_rng(abs(hash(path)) % 2**32)
+    pixels = np.clip(rng.normal(color, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """train/{cat,dog}/ and val/{cat,dog}/ with JPEG and PNG files of assorted sizes."""
+    colors = {"cat": 40, "dog": 210}
+    sizes = [(37, 29), (20, 44), (64, 48)]
+    for split, count in (("train", 3), ("val", 2)):
+        for name, color in colors.items():
+            os.makedirs(tmp_path / split / name)
+            for i in range(count):
+                ext = ".JPEG" if i % 2 == 0 else ".png"
+                _write_image(str(tmp_path / split / name / f"{i}{ext}"), sizes[i], color)
+    (tmp_path / "train" / "cat" / "readme.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_image_folder_loader(image_folder):
+    dataset = input_pipeline.load_image_folder(str(image_folder), image_size=16)
+    info = dataset.info
+    assert info.class_names == ("cat", "dog") and info.num_classes == 2
+    assert (info.num_train, info.num_eval) == (6, 4)
+    loader = input_pipeline.train_loader(dataset, batch_size=4, seed=3)
+    iterator = iter(loader)
+    first = next(iterator)
+    assert first["image"].shape == (4, 16, 16, 3) and first["image"].dtype == np.uint8
+    # Colour identifies the class: dark = cat (0), bright = dog (1).
+    brightness = first["image"].reshape(4, -1).mean(1)
+    np.testing.assert_array_equal(first["label"], (brightness > 125).astype(np.int32))
+    state = iterator.get_state()
+    second = next(iterator)
+    again = iter(loader)
+    again.set_state(state)  # Resume at the same data position.
+    np.testing.assert_array_equal(next(again)["image"], second["image"])
+    # Same seed, same stream; another seed, another order or crop.
+    np.testing.assert_array_equal(next(iter(loader))["image"], first["image"])
+    other = next(iter(input_pipeline.train_loader(dataset, batch_size=4, seed=4)))
+    assert not np.array_equal(other["image"], first["image"])
+
+    batches = list(input_pipeline.eval_batches(dataset, batch_size=3))
+    assert len(batches) == 2
+    np.testing.assert_array_equal(np.concatenate([b["mask"] for b in batches]), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batches[0]["label"], [0, 0, 1])
+    assert batches[0]["image"].shape == (3, 16, 16, 3)
+
+
+def test_resize_center_crop_geometry():
+    from PIL import Image
+
+    array = np.zeros((40, 80, 3), np.uint8)
+    array[:, 35:45] = 255  # A bright vertical bar in the middle.
+    out = input_pipeline.ResizeCenterCrop(14, 0.875).map({"image": Image.fromarray(array), "label": 0})
+    assert out["image"].shape == (14, 14, 3)
+    # Short side 40 -> 16, so the 80-wide image becomes 32 wide; the bar (scaled to 4
+    # px) stays centred, and the crop drops 1 px top and bottom.
+    column_means = out["image"][..., 0].mean(0)
+    assert column_means[5:9].min() > 200 and column_means[:3].max() < 30 and column_means[-3:].max() < 30
+
+
+def _cifar_batch(rng, n):
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, size=n)]
+    return {b"batch_label": b"x", b"labels": labels, b"data": data, b"filenames": [b"f"] * n}
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    batches = {}
+    for name in input_pipeline.CIFAR10_TRAIN_FILES + (input_pipeline.CIFAR10_TEST_FILE,):
+        batches[name] = _cifar_batch(rng, 6)
+        with open(root / name, "wb") as f:
+            pickle.dump(batches[name], f)
+    return tmp_path, batches
+
+
+def test_cifar10_loader(cifar_dir):
+    parent, batches = cifar_dir
+    dataset = input_pipeline.load_cifar10(str(parent))  # The parent directory also works.
+    assert (dataset.info.num_train, dataset.info.num_eval, dataset.info.in_chans) == (30, 6, 3)
+    record = dataset.eval_source[4]
+    raw = batches["test_batch"][b"data"][4]
+    # Row-major 1024 red, then green, then blue values per image.
+    np.testing.assert_array_equal(record["image"][2, 7], raw[[2 * 32 + 7, 1024 + 2 * 32 + 7, 2048 + 2 * 32 + 7]])
+    assert record["label"] == batches["test_batch"][b"labels"][4]
+    train_labels = np.concatenate([batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)])
+    np.testing.assert_array_equal(dataset.train_source.labels, train_labels)
+    batch = next(iter(input_pipeline.train_loader(dataset, batch_size=5, seed=0)))
+    assert batch["image"].shape == (5, 32, 32, 3) and batch["image"].dtype == np.uint8
+
+
+def test_digits_split_is_fixed():
+    a = input_pipeline.load_digits(16)
+    b = input_pipeline.load_digits(16)
+    assert (a.info.num_train, a.info.num_eval) == (1437, 360)
+    np.testing.assert_array_equal(a.eval_source.labels, b.eval_source.labels)
+    np.testing.assert_array_equal(a.eval_source.images, b.eval_source.images)
+    assert a.train_source.images.shape == (1437, 16, 16, 1)
+    assert np.bincount(a.eval_source.labels).min() >= 35  # Stratified.
+
+
+def test_missing_or_malformed_data_raise_clear_errors(tmp_path, cifar_dir, image_folder):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        input_pipeline.load_cifar10(missing)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        input_pipeline.load_image_folder(missing)
+    with pytest.raises(ValueError, match="data_dir"):
+        input_pipeline.load_cifar10("")
+
+    parent, _ = cifar_dir
+    root = parent / "cifar-10-batches-py"
+    os.remove(root / "data_batch_3")
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        input_pipeline.load_cifar10(str(root))
+    (root / "data_batch_3").write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10"):
+        input_pipeline.load_cifar10(str(root))
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_3.*\(N, 3072\)"):
+        input_pipeline.load_cifar10(str(root))
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump(os.getcwd, f)  # Code, not data: must not be loaded.
+    with pytest.raises(ValueError, match="refusing"):
+        input_pipeline.load_cifar10(str(root))
+
+    os.makedirs(image_folder / "val" / "bird")
+    with pytest.raises(ValueError, match="bird"):
+        input_pipeline.load_image_folder(str(image_folder))
+    os.rmdir(image_folder / "val" / "bird")
+    os.makedirs(image_folder / "train" / "empty_class")
+    with pytest.raises(ValueError, match="empty_class"):
+        input_pipeline.load_image_folder(str(image_folder))
+    os.rmdir(image_folder / "train" / "empty_class")
+    (image_folder / "train" / "dog" / "9.JPEG").write_bytes(b"garbage")
+    dataset = input_pipeline.load_image_folder(str(image_folder))
+    broken = dataset.train_source.files.index(str(image_folder / "train" / "dog" / "9.JPEG"))
+    with pytest.raises(ValueError, match="9.JPEG"):
+        dataset.train_source[broken]
+    empty_root = tmp_path / "flat"
+    (empty_root / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class sub-directories"):
+        input_pipeline.load_image_folder(str(empty_root))
+
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        input_pipeline.get_dataset(tiny_config(dataset="mnist"))
+
+
+# ----------------------------------------------------------------------------- command line and configs
+
+
+def test_command_line(tmp_path, capsys, monkeypatch):
+    from experiments.classification import main
+
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(
+        "from experiments.classification.configs import default\n"
+        "def get_config():\n"
+        "    c = default.get_config()\n"
+        "    c.models = ('resnet20_cifar',)\n"
+        f"    c.model_overrides = {TINY_CONV!r}\n"
+        "    c.image_size, c.batch_size, c.progress_bar = 8, 8, False\n"
+        "    return c\n"
+    )
+    workdir = str(tmp_path / "run")
+    argv = ["main", f"--workdir={workdir}", f"--config={config_file}", "--config.num_train_steps=1"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags defines override flags from sys.argv.
+    try:
+        main.FLAGS(argv)
+        assert main.FLAGS.config.num_train_steps == 1
+        main.main(["main"])
+        first = capsys.readouterr().out
+        with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+            rows = json.load(f)
+        assert rows[0]["model"] == "resnet20_cifar" and rows[0]["steps"] == 1
+        assert "resnet20_cifar" in first and "top-1" in first
+        main.main(["main"])  # Finished: reported, not retrained.
+        assert "finished run found" in capsys.readouterr().out
+    finally:
+        main.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet_ddf_mul_resnet50"])
+def test_configs_document_how_to_run(name):
+    import importlib
+
+    module = importlib.import_module(f"experiments.classification.configs.{name}")
+    config = module.get_config()
+    doc = module.__doc__
+    assert "python -m experiments.classification" in doc
+    assert "Expected wall time" in doc and "Expected result" in doc
+    for model in config.models:
+        assert ddf_models.is_model(model)
+    if name == "imagenet_ddf_mul_resnet50":
+        assert (config.batch_size, config.learning_rate, config.warmup_epochs, config.num_epochs) == (1024, 0.4, 5.0, 120)
+        assert (config.weight_decay, config.label_smoothing, config.momentum) == (1e-4, 0.1, 0.9)
+        assert config.dtype == "bfloat16" and config.crop_pct == 0.875
+        assert "RandAugment" in doc and "Not implemented" in doc
