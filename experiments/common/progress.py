@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 
