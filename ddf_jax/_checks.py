@@ -9,6 +9,8 @@ from __future__ import annotations
 import numbers
 import operator
 
+from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS
+
 
 def check_int(value, name: str, minimum: int = 1) -> int:
     """Returns `value` as an int >= `minimum`; bools and non-integers are TypeErrors."""
@@ -26,3 +28,17 @@ def check_odd(value, name: str, minimum: int = 1) -> int:
     if value % 2 == 0:
         raise ValueError(f"{name} must be odd, got {value}")
     return value
+
+
+def check_combine(combine) -> str:
+    """Returns `combine` if it is one of `COMBINES` ("mul", "add")."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    return combine
+
+
+def check_implementation(implementation):
+    """Returns `implementation` if it is None or one of `IMPLEMENTATIONS`."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    return implementation

@@ -37,9 +37,13 @@ def _shape(var) -> tuple[int, ...]:
 
 def _ddf_macs(eqn) -> int | None:
     """N*Ho*Wo*C*K if `eqn` is a DDF op call, else None."""
-    if eqn.primitive.name not in _CUSTOM_VJP_PRIMITIVES or len(eqn.invars) != 3 or len(eqn.outvars) != 1:
+    if eqn.primitive.name not in _CUSTOM_VJP_PRIMITIVES or len(eqn.outvars) != 1:
         return None
-    x, channel_filter, spatial_filter = (_shape(v) for v in eqn.invars)
+    # custom_vjp_call puts captured constants in front of the three inputs.
+    inputs = eqn.invars[eqn.params.get("num_consts", 0) :]
+    if len(inputs) != 3:
+        return None
+    x, channel_filter, spatial_filter = (_shape(v) for v in inputs)
     out = _shape(eqn.outvars[0])
     if (len(x), len(channel_filter), len(spatial_filter), len(out)) != (4, 3, 5, 4):
         return None

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddf_jax import ops
-from ddf_jax._checks import check_int, check_odd
-from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS
+from ddf_jax._checks import check_combine, check_implementation, check_int, check_odd
 
 Array = jax.Array
 Dtype = Any
@@ -83,17 +82,9 @@ def _mid_features(in_features: int, se_ratio) -> int:
     return mid
 
 
-def _check_combine(combine) -> str:
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    return combine
-
-
 def _check_implementation(implementation, ddf_op) -> Optional[str]:
     # An injected op may accept other names; only the library op is checked here.
-    if ddf_op is ops.ddf and implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    return implementation
+    return check_implementation(implementation) if ddf_op is ops.ddf else implementation
 
 
 def _check_input(x, name: str, features: int, argument: str = "in_features") -> None:
@@ -546,7 +537,7 @@ class DDF(nnx.Module):
         self.stride = check_int(stride, "stride")
         self.dilation = check_int(dilation, "dilation")
         self.heads = _check_heads(heads, self.in_features)
-        self.combine = _check_combine(combine)
+        self.combine = check_combine(combine)
         _gain(nonlinearity)
         self.nonlinearity = nonlinearity
         self.dtype = dtype
@@ -690,7 +681,7 @@ class DDFUp(nnx.Module):
         self.kernel_size = check_odd(kernel_size, "kernel_size")
         self.dilation = check_int(dilation, "dilation")
         self.heads = _check_heads(heads, self.in_features)
-        self.combine = _check_combine(combine)
+        self.combine = check_combine(combine)
         _gain(nonlinearity)
         self.nonlinearity = nonlinearity
         _mid_features(self.in_features, se_ratio)

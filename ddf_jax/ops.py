@@ -8,8 +8,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ddf_jax._checks import check_int, check_odd
-from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS, DDFConfig, get_op
+from ddf_jax._checks import check_combine, check_implementation, check_int, check_odd
+from ddf_jax.kernels import DDFConfig, get_op
 
 # The implementation used when `implementation=None`. A GPU kernel becomes the
 # GPU default only after its tests have passed on a real GPU and BENCHMARKS.md
@@ -36,8 +36,7 @@ def make_config(kernel_size, stride=1, dilation=1, combine="mul") -> DDFConfig:
     kernel_size = check_odd(kernel_size, "kernel_size")
     stride = check_int(stride, "stride")
     dilation = check_int(dilation, "dilation")
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    check_combine(combine)
     return DDFConfig(kernel_size, stride, dilation, combine)
 
 
@@ -140,10 +139,8 @@ def ddf(
     for array, name in ((x, "x"), (channel_filter, "channel_filter"), (spatial_filter, "spatial_filter")):
         _check_float(array, name)
     spatial_filter_5d = _canonical_filters(x, channel_filter, spatial_filter, config)
-    if implementation is None:
+    if check_implementation(implementation) is None:
         implementation = default_implementation()
-    elif implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     platform = jax.default_backend()
     args = (x, channel_filter, spatial_filter_5d)
     if any(isinstance(a, jax.core.Tracer) for a in args):

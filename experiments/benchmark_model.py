@@ -1,6 +1,6 @@
 """Training and inference throughput of DDF-ResNets against their conv twins.
 
-Usage (on a GPU; the defaults are the issue's measurement):
+Usage (on a GPU; the defaults measure ddf_mul_resnet50 against resnet50 at batch 128, 224 px, bf16):
     python -m experiments.benchmark_model
     python -m experiments.benchmark_model --models ddf_mul_resnet50,resnet50 --batch 128 --size 224
     python -m experiments.benchmark_model --models ddf_mul_resnet20_cifar,resnet20_cifar \
@@ -94,6 +94,7 @@ def measure(name: str, batch: int, size: int, dtype, steps: int, implementation=
 
 
 def main(argv=None) -> int:
+    """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="ddf_mul_resnet50,resnet50")
     parser.add_argument("--batch", type=int, default=128)

@@ -54,6 +54,8 @@ SHAPE_SETS = {
 
 @dataclasses.dataclass
 class Row:
+    """One timing: `seconds` per call of `method` on `shape` (N, H, W, C, k, stride)."""
+
     shape: tuple
     method: str
     mode: str  # "fwd" or "fwd+bwd"
@@ -87,18 +89,48 @@ def min_bytes(n, h, w, c, k, s, itemsize, mode) -> int:
     return (fwd + bwd) * itemsize
 
 
-def depthwise_conv(x, kernel, stride):
-    c = x.shape[-1]
+def _centred_padding(k: int, dilation: int):
+    """Pads r*d on every side, so output (i, j) is centred on input (i*s, j*s) as in DDF."""
+    margin = (k - 1) // 2 * dilation
+    return ((margin, margin), (margin, margin))
+
+
+def depthwise_conv(x, kernel, stride, dilation=1):
+    """XLA's depthwise conv (`feature_group_count=C`), aligned with the DDF op.
+
+    Args:
+        x: (N, H, W, C).
+        kernel: (k, k, 1, C).
+        stride, dilation: as in `ddf_jax.ddf`.
+
+    Returns:
+        (N, ceil(H/stride), ceil(W/stride), C).
+    """
+    k = kernel.shape[0]
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
+        x,
+        kernel,
+        (stride, stride),
+        _centred_padding(k, dilation),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
     )
 
 
-def unfold_ddf(x, channel_filter, spatial_filter, k, stride):
-    """The naive port: materialise all k*k shifted copies, then contract."""
-    n, h, w, c = x.shape
+def unfold_ddf(x, channel_filter, spatial_filter, k, stride, dilation=1):
+    """The naive port of the official op: materialise all k*k shifted copies, then contract.
+
+    Same arguments and result as `ddf_jax.ddf` with a 4-D spatial filter and "mul".
+    """
+    c = x.shape[-1]
     patches = lax.conv_general_dilated_patches(
-        x, (k, k), (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x,
+        (k, k),
+        (stride, stride),
+        _centred_padding(k, dilation),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # (N, Ho, Wo, C * K), channel-major
     patches = patches.reshape(*patches.shape[:3], c, k * k)
     weight = spatial_filter[:, :, :, None, :] * channel_filter[:, None, None, :, :]
@@ -114,6 +146,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
 
 
 def bench_shape(shape, dtype, implementations, repeats, baselines=True) -> list[Row]:
+    """Times forward and forward+backward of each implementation (and the baselines) on one shape."""
     n, h, w, c, k, s = shape
     ho, wo = -(-h // s), -(-w // s)
     keys = jax.random.split(jax.random.key(0), 5)
@@ -152,6 +185,7 @@ def bench_shape(shape, dtype, implementations, repeats, baselines=True) -> list[
 
 
 def table_header(bandwidth: Optional[float]) -> str:
+    """The markdown table header (with bandwidth columns on a GPU)."""
     header = "| shape (N,H,W,C) | k | s | mode | method | ms | vs depthwise |"
     sep = "|---|---|---|---|---|---|---|"
     if bandwidth:
@@ -178,6 +212,7 @@ def table_rows(rows: list[Row], bandwidth: Optional[float]) -> str:
 
 
 def main(argv=None) -> int:
+    """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_set = "gpu" if jax.default_backend() == "gpu" else "cpu"
     parser.add_argument("--set", choices=sorted(SHAPE_SETS), default=default_set, help="which shapes")

@@ -262,7 +262,8 @@ def test_integer_dtypes_rejected():
 
 def test_default_implementation_is_xla_until_gpu_kernels_are_verified():
     assert ddf_jax.default_implementation("cpu") == "xla"
-    assert ddf_jax.default_implementation("gpu") in ddf_jax.IMPLEMENTATIONS
+    # No GPU kernel has passed its tests on a real GPU yet (see BENCHMARKS.md).
+    assert ddf_jax.default_implementation("gpu") == "xla"
 
 
 def test_xla_gradient_memory_stays_small():

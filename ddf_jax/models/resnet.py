@@ -307,11 +307,6 @@ class ResNet(nnx.Module):
         num_classes = check_int(num_classes, "num_classes")
         in_chans = check_int(in_chans, "in_chans")
         stem_width = check_int(stem_width, "stem_width")
-        if conv2 != "conv" and not (0.0 < float(se_ratio) <= 1.0 and int(se_ratio * min(widths)) >= 1):
-            raise ValueError(
-                f"se_ratio must be in (0, 1] with int(se_ratio * min(widths)) >= 1, got se_ratio={se_ratio} "
-                f"with widths={widths}"
-            )
 
         self.block = block
         self.layers = layers

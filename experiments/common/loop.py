@@ -158,10 +158,16 @@ def train_loop(
         A `LoopResult`.
 
     Raises:
+        ValueError: If a step count is out of range.
         FloatingPointError: If the training loss becomes NaN or infinite.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if log_every_steps < 1:
+        raise ValueError(f"log_every_steps must be >= 1, got {log_every_steps}")
+    for name, value in (("eval_every_steps", eval_every_steps), ("checkpoint_every_steps", checkpoint_every_steps)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0: only at the end), got {value}")
     start_time = time.perf_counter()
 
     def elapsed() -> float:
