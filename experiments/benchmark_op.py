@@ -14,7 +14,8 @@ implementation and of two baselines on the same data:
   into a (N, Ho, Wo, C, K) tensor and an einsum with the combined filter.
 
 Every number is the median of ``--repeats`` timed calls after a warm-up, and
-the table gives ratios to ``depthwise`` measured in the same run. On a GPU it
+the table gives ratios to ``depthwise`` measured in the same run, plus the
+compiled program's temporary memory over the bytes of x. On a GPU it
 also measures the device's copy bandwidth and reports each DDF call's achieved
 bandwidth (minimum bytes moved / time) as a fraction of it.
 """
@@ -61,6 +62,7 @@ class Row:
     mode: str  # "fwd" or "fwd+bwd"
     seconds: float
     min_bytes: int
+    temp_over_x: Optional[float] = None  # compiled temporaries / bytes of x
 
 
 def _timeit(fn: Callable, args, repeats: int) -> float:
@@ -179,15 +181,17 @@ def bench_shape(shape, dtype, implementations, repeats, baselines=True) -> list[
             except ImplementationUnavailable as e:
                 print(f"  skip {name}: {e}", file=sys.stderr)
                 break
-            rows.append(Row(shape, name, mode, seconds, min_bytes(n, h, w, c, k, s, itemsize, mode)))
+            analysis = f.lower(*args).compile().memory_analysis()
+            temp = analysis.temp_size_in_bytes / x.nbytes if analysis is not None else None
+            rows.append(Row(shape, name, mode, seconds, min_bytes(n, h, w, c, k, s, itemsize, mode), temp))
             print(f"  {name:>14} {mode:>8}: {seconds * 1e3:9.3f} ms", file=sys.stderr, flush=True)
     return rows
 
 
 def table_header(bandwidth: Optional[float]) -> str:
     """The markdown table header (with bandwidth columns on a GPU)."""
-    header = "| shape (N,H,W,C) | k | s | mode | method | ms | vs depthwise |"
-    sep = "|---|---|---|---|---|---|---|"
+    header = "| shape (N,H,W,C) | k | s | mode | method | ms | vs depthwise | temp / bytes of x |"
+    sep = "|---|---|---|---|---|---|---|---|"
     if bandwidth:
         header += " GB/s | % of copy BW |"
         sep += "---|---|"
@@ -202,7 +206,8 @@ def table_rows(rows: list[Row], bandwidth: Optional[float]) -> str:
         n, h, w, c, k, s = r.shape
         ref = base.get((r.shape, r.mode))
         ratio = f"{r.seconds / ref:.2f}x" if ref else "-"
-        line = f"| ({n},{h},{w},{c}) | {k} | {s} | {r.mode} | {r.method} | {r.seconds * 1e3:.3f} | {ratio} |"
+        temp = f"{r.temp_over_x:.2f}" if r.temp_over_x is not None else "-"
+        line = f"| ({n},{h},{w},{c}) | {k} | {s} | {r.mode} | {r.method} | {r.seconds * 1e3:.3f} | {ratio} | {temp} |"
         if bandwidth:
             achieved = r.min_bytes / r.seconds
             is_ddf = r.method in ddf_jax.IMPLEMENTATIONS
