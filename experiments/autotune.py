@@ -256,8 +256,7 @@ def candidate_configs(
 
 
 def block_sizes_for(implementation: str, role: str, config: tuning.LaunchConfig, problem: Problem):
-    """The implementation's `BlockSizes`: `config` for `role`, the heuristic for the other roles."""
-    module = importlib.import_module(f"ddf_jax.kernels.{implementation}")
+    """A `tuning.BlockSizes` for `implementation`: `config` for `role`, the heuristic for the other roles."""
     configs = {
         other: tuning.heuristic_config(
             implementation, other, channels=problem.c, taps=problem.taps, heads=problem.heads
@@ -265,7 +264,7 @@ def block_sizes_for(implementation: str, role: str, config: tuning.LaunchConfig,
         for other in ROLE_ORDER
     }
     configs[role] = config
-    return module.BlockSizes(**tuning.block_size_fields(implementation, configs))
+    return tuning.BlockSizes(**configs)
 
 
 def baseline_config(implementation: str, role: str, problem: Problem) -> tuning.LaunchConfig:
@@ -896,7 +895,7 @@ def main(argv=None) -> int:
         max_candidates=args.max_candidates,
     )
     if args.dry_run:
-        for unit in units:  # every candidate must be a valid BlockSizes of its implementation
+        for unit in units:  # every candidate must make a valid BlockSizes
             for config in unit.candidates:
                 block_sizes_for(unit.key.implementation, unit.key.role, config, unit.problems[0])
         print(format_plan(units))

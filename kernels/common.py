@@ -24,13 +24,17 @@ with x zero outside the image and comb = multiply ("mul") or add ("add").
 `make_ddf_op` turns such a pair into a `jax.custom_vjp` function. Residuals are
 the three inputs; nothing else is saved. Gradients come back in each input's
 own dtype. Arguments reaching an implementation are already validated by
-`ddf_jax.ops.ddf`.
+`ddf_jax.ops.ddf`, and are never empty: when x, a filter or the output has no
+elements, `make_ddf_op` returns zeros (and zero gradients) of the right shapes
+and dtypes without calling the implementation, so no kernel is launched on an
+empty grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Literal
 
 import jax
@@ -38,6 +42,9 @@ import jax.numpy as jnp
 
 Combine = Literal["mul", "add"]
 COMBINES = ("mul", "add")
+# JAX platform names on which the GPU implementations compile their kernels
+# (CUDA only: they are neither built nor tested for ROCm).
+GPU_PLATFORMS = ("gpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +92,22 @@ def accumulation_dtype(*dtypes) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *dtypes)
 
 
+def combine_filters(spatial, channel, combine: str):
+    """comb(spatial, channel): their product for "mul", their sum for "add" (broadcasting)."""
+    return spatial * channel if combine == "mul" else spatial + channel
+
+
+def output_shape(x, spatial_filter) -> tuple[int, int, int, int]:
+    """(N, Ho, Wo, C) of the output for canonical x (N, H, W, C) and spatial_filter (N, Ho, Wo, G, K)."""
+    return (x.shape[0], spatial_filter.shape[1], spatial_filter.shape[2], x.shape[3])
+
+
+def is_empty(x, channel_filter, spatial_filter) -> bool:
+    """Whether x, channel_filter, spatial_filter or the output has no elements (a static check)."""
+    shapes = (x.shape, channel_filter.shape, spatial_filter.shape, output_shape(x, spatial_filter))
+    return any(math.prod(shape) == 0 for shape in shapes)
+
+
 ForwardFn = Callable[[jax.Array, jax.Array, jax.Array, DDFConfig], jax.Array]
 BackwardFn = Callable[
     [jax.Array, jax.Array, jax.Array, jax.Array, DDFConfig],
@@ -92,8 +115,39 @@ BackwardFn = Callable[
 ]
 
 
+def skip_empty_forward(forward: ForwardFn) -> ForwardFn:
+    """`forward`, except that it returns zeros of the output's shape and x's dtype when `is_empty`."""
+
+    @functools.wraps(forward)
+    def guarded(x, channel_filter, spatial_filter, config):
+        if is_empty(x, channel_filter, spatial_filter):
+            return jnp.zeros(output_shape(x, spatial_filter), x.dtype)
+        return forward(x, channel_filter, spatial_filter, config)
+
+    return guarded
+
+
+def skip_empty_backward(backward: BackwardFn) -> BackwardFn:
+    """`backward`, except that it returns zero gradients, each in its input's dtype, when `is_empty`.
+
+    Every gradient of an empty op is an empty sum: zero.
+    """
+
+    @functools.wraps(backward)
+    def guarded(x, channel_filter, spatial_filter, grad_out, config):
+        if is_empty(x, channel_filter, spatial_filter):
+            return tuple(jnp.zeros(a.shape, a.dtype) for a in (x, channel_filter, spatial_filter))
+        return backward(x, channel_filter, spatial_filter, grad_out, config)
+
+    return guarded
+
+
 def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str):
     """Wraps an implementation's forward and backward in one `jax.custom_vjp`.
+
+    When x, a filter or the output has no elements (`is_empty`), neither
+    function is called: the op returns zeros of the output's shape in x's
+    dtype, and zero gradients.
 
     Args:
         forward: `forward(x, channel_filter, spatial_filter, config) -> out`.
@@ -105,6 +159,8 @@ def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str):
         `op(x, channel_filter, spatial_filter, config) -> out`, differentiable in
         its three array arguments; `config` is static.
     """
+    forward = skip_empty_forward(forward)
+    backward = skip_empty_backward(backward)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
     def op(x, channel_filter, spatial_filter, config):

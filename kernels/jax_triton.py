@@ -11,24 +11,28 @@ tiling); this module wires them into JAX:
   so `vmap` gives exactly what a Python loop over the mapped axis gives);
 - `common.make_ddf_op` adds the `jax.custom_vjp`: residuals are the three
   inputs, and the backward pass is two kernels: a gather-based dx and a fused
-  filter kernel that writes d_spatial_filter and per-pixel-tile float32
-  partial sums of d_channel_filter, summed here by XLA (deterministic, no
-  atomics).
+  filter kernel that writes d_spatial_filter and per-pixel-tile partial sums
+  of d_channel_filter in the accumulation dtype (float32, or float64 for
+  float64 inputs), summed here by XLA (deterministic, no atomics).
 
 Neither `jax_triton` nor `triton` is imported until the op is first used;
 `import ddf_jax` never needs them. Asking for this implementation on a
-non-GPU platform or without the packages raises `ImplementationUnavailable`.
+platform other than a CUDA GPU (`common.GPU_PLATFORMS`) or without the
+packages raises `ImplementationUnavailable`.
 
 Limits: first-order gradients only (the backward kernels are not themselves
 differentiable); a single image must have fewer than 2**31 pixels (tensors
-may have more than 2**31 elements). `BlockSizes.get_default` takes its tiles
-from `tuning.py`: a tuned table entry for the launch's shape class on this
-device kind, else untuned heuristic starting points.
+may have more than 2**31 elements). Tiles come from `tuning.BlockSizes` (one
+`LaunchConfig` per kernel), whose `get_default` takes them from a tuned table
+entry for the launch's shape class on this device kind, else from untuned
+heuristic starting points: channel tiles capped at 64 (forward, dx) or 32
+(filters, per head), and pixel tiles of about 4096 elements, at most 256
+pixels and no more than the image has (rounded up to a power of two, at
+least 16).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -37,9 +41,17 @@ import jax
 import jax.numpy as jnp
 
 from . import tuning
-from .common import DDFConfig, ImplementationUnavailable, accumulation_dtype, make_ddf_op
+from .common import (
+    GPU_PLATFORMS,
+    DDFConfig,
+    ImplementationUnavailable,
+    accumulation_dtype,
+    make_ddf_op,
+    skip_empty_backward,
+    skip_empty_forward,
+)
+from .tuning import BlockSizes
 
-GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 INSTALL_HINT = (
     'it needs a CUDA GPU, a CUDA-enabled jax (pip install "jax[cuda13]") and the packages '
     'jax-triton 0.3.1 and triton 3.6.0 (pip install "ddf-jax[triton]")'
@@ -51,102 +63,6 @@ _MAX_PIXELS = 2**31 - 1
 # `launch(*arrays, kernel=..., out_shape=..., grid=..., num_warps=..., num_stages=..., **constexprs)`,
 # the signature of `jax_triton.triton_call`.
 Launcher = Callable[..., Any]
-
-
-def _is_power_of_2(value: int) -> bool:
-    return value >= 1 and value & (value - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes and launch options of the three kernels (all powers of two).
-
-    Attributes:
-        forward_pixels: flattened output pixels per forward tile (BLOCK_P).
-        forward_channels: channels per forward tile (BLOCK_C).
-        dx_pixels: flattened input pixels per dx tile.
-        dx_channels: channels per dx tile.
-        filter_pixels: flattened output pixels per filter-gradient program. Each
-            program writes one (K, C) float32 partial of d_channel_filter, so
-            larger tiles mean fewer partials.
-        filter_channels: channels per step of the filter kernel's channel loop
-            (inside one head).
-        num_warps: warps per program of the forward kernel, and of the other
-            kernels unless dx_num_warps / filter_num_warps are set.
-        num_stages: software-pipelining depth, likewise.
-        dx_num_warps: warps of the dx kernel (None: num_warps).
-        dx_num_stages: pipelining depth of the dx kernel (None: num_stages).
-        filter_num_warps: warps of the filter kernel (None: num_warps).
-        filter_num_stages: pipelining depth of the filter kernel (None: num_stages).
-    """
-
-    forward_pixels: int
-    forward_channels: int
-    dx_pixels: int
-    dx_channels: int
-    filter_pixels: int
-    filter_channels: int
-    num_warps: int = 4
-    num_stages: int = 2
-    dx_num_warps: Optional[int] = None
-    dx_num_stages: Optional[int] = None
-    filter_num_warps: Optional[int] = None
-    filter_num_stages: Optional[int] = None
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None and field.default is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"BlockSizes.{field.name} must be an int, got {value!r}")
-            if field.name.endswith("num_stages"):
-                if value < 1:
-                    raise ValueError(f"BlockSizes.{field.name} must be >= 1, got {value}")
-            elif not _is_power_of_2(value):
-                raise ValueError(f"BlockSizes.{field.name} must be a power of two, got {value}")
-
-    @classmethod
-    def get_default(
-        cls,
-        channels: int,
-        heads: int = 1,
-        in_pixels: Optional[int] = None,
-        out_pixels: Optional[int] = None,
-        *,
-        taps: Optional[int] = None,
-        dtype=None,
-    ) -> "BlockSizes":
-        """Tiles for C channels in G heads: tuned ones if known, else the heuristic.
-
-        Each kernel's tiles come from `ddf_jax.kernels.tuning.choose_configs`:
-        the tuning table's entry for its shape class when the table was tuned
-        on this device kind (needs `taps` and `dtype`), otherwise the
-        heuristic: channel tiles capped at 64 (forward, dx) or 32 (filter
-        kernel, per head), and pixel tiles of about 4096 elements, at most 256
-        pixels and no more than the image has (rounded up to a power of two,
-        at least 16). Table entries are used as they are, without the image cap.
-
-        Args:
-            channels: C.
-            heads: G, the number of spatial-filter heads (divides C).
-            in_pixels: H * W, if known (caps the heuristic dx pixel tile).
-            out_pixels: Ho * Wo, if known (caps the heuristic forward and
-                filter pixel tiles).
-            taps: K = kernel_size ** 2; None skips the tuning table.
-            dtype: x's dtype; None skips the tuning table.
-        """
-        # The heuristic does not depend on K; without K there is no shape class.
-        configs = tuning.choose_configs(
-            "jax_triton",
-            channels=channels,
-            taps=taps if taps is not None else 1,
-            heads=heads,
-            dtype=dtype if taps is not None else None,
-            in_pixels=in_pixels,
-            out_pixels=out_pixels,
-        )
-        return cls(**tuning.block_size_fields("jax_triton", configs))
 
 
 class LaunchSpec(NamedTuple):
@@ -208,9 +124,15 @@ def _resolve_blocks(block_sizes: Optional[BlockSizes], x, spatial_filter, role: 
         _, h, w, c = x.shape
         _, out_h, out_w, heads, taps = spatial_filter.shape
         block_sizes = BlockSizes.get_default(
-            c, heads, in_pixels=h * w, out_pixels=out_h * out_w, taps=taps, dtype=x.dtype
+            "jax_triton",
+            channels=c,
+            taps=taps,
+            heads=heads,
+            dtype=x.dtype,
+            in_pixels=h * w,
+            out_pixels=out_h * out_w,
         )
-    return tuning.launch_config("jax_triton", block_sizes, role)
+    return block_sizes.for_role(role)
 
 
 def forward_launch(x, channel_filter, spatial_filter, config: DDFConfig, block_sizes=None) -> LaunchSpec:
@@ -221,7 +143,7 @@ def forward_launch(x, channel_filter, spatial_filter, config: DDFConfig, block_s
         channel_filter: (N, C, K).
         spatial_filter: (N, Ho, Wo, G, K).
         config: the static DDF configuration.
-        block_sizes: tiles; None for `BlockSizes.get_default`.
+        block_sizes: tiles; None for `tuning.BlockSizes.get_default`.
 
     Returns:
         A `LaunchSpec` whose single output is `out`, (N, Ho, Wo, C) in x's dtype.
@@ -341,10 +263,6 @@ def _fold_vmapped_axis(fn: Callable) -> Callable:
     return wrapped
 
 
-def _is_empty(x, spatial_filter) -> bool:
-    return x.size == 0 or spatial_filter.size == 0
-
-
 def _triton_call() -> Launcher:
     jax_triton = importlib.import_module("jax_triton")
     return jax_triton.triton_call
@@ -356,7 +274,7 @@ def build_op(launch: Optional[Launcher] = None, block_sizes: Optional[BlockSizes
     Args:
         launch: a function with the signature of `jax_triton.triton_call`;
             None uses `jax_triton.triton_call`, imported at the first call.
-        block_sizes: fixed tiles; None picks `BlockSizes.get_default` per shape.
+        block_sizes: fixed tiles; None picks `tuning.BlockSizes.get_default` per shape.
 
     Returns:
         `op(x, channel_filter, spatial_filter, config) -> out` with canonical
@@ -367,37 +285,35 @@ def build_op(launch: Optional[Launcher] = None, block_sizes: Optional[BlockSizes
     def launcher() -> Launcher:
         return launch if launch is not None else _triton_call()
 
+    def forward_kernels(x, channel_filter, spatial_filter, config: DDFConfig):
+        spec = forward_launch(x, channel_filter, spatial_filter, config, block_sizes)
+        (out,) = _launch(launcher(), spec, x, channel_filter, spatial_filter)
+        return out
+
+    def backward_kernels(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
+        args = (x, channel_filter, spatial_filter, grad_out, config, block_sizes)
+        (dx,) = _launch(launcher(), dx_launch(*args), grad_out, channel_filter, spatial_filter)
+        d_spatial, partials = _launch(
+            launcher(), filter_launch(*args), x, grad_out, channel_filter, spatial_filter
+        )
+        # (N, P, K, C) -> (N, K, C) -> (N, C, K): the second stage of the reduction.
+        d_channel = jnp.transpose(jnp.sum(partials, axis=1), (0, 2, 1))
+        return dx, d_channel, d_spatial
+
+    # `make_ddf_op` skips empty inputs, but under `jax.vmap` over an axis of
+    # size 0 it sees the per-example shapes; the folded arrays seen here are
+    # then empty, so the same guards are applied after folding (a launch grid
+    # of 0 programs is invalid).
+    guarded_forward = skip_empty_forward(forward_kernels)
+    guarded_backward = skip_empty_backward(backward_kernels)
+
     @functools.lru_cache(maxsize=None)
     def forward_for(config: DDFConfig):
-        def forward_arrays(x, channel_filter, spatial_filter):
-            spec = forward_launch(x, channel_filter, spatial_filter, config, block_sizes)
-            if _is_empty(x, spatial_filter):  # nothing to launch (a grid of 0 programs is invalid)
-                return jnp.zeros(spec.out_shapes[0].shape, spec.out_shapes[0].dtype)
-            (out,) = _launch(launcher(), spec, x, channel_filter, spatial_filter)
-            return out
-
-        return _fold_vmapped_axis(forward_arrays)
+        return _fold_vmapped_axis(lambda x, cf, sf: guarded_forward(x, cf, sf, config))
 
     @functools.lru_cache(maxsize=None)
     def backward_for(config: DDFConfig):
-        def backward_arrays(x, channel_filter, spatial_filter, grad_out):
-            args = (x, channel_filter, spatial_filter, grad_out, config, block_sizes)
-            if _is_empty(x, spatial_filter):  # every gradient is an empty sum
-                acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
-                return (
-                    jnp.zeros(x.shape, x.dtype),
-                    jnp.zeros(channel_filter.shape, acc),
-                    jnp.zeros(spatial_filter.shape, spatial_filter.dtype),
-                )
-            (dx,) = _launch(launcher(), dx_launch(*args), grad_out, channel_filter, spatial_filter)
-            d_spatial, partials = _launch(
-                launcher(), filter_launch(*args), x, grad_out, channel_filter, spatial_filter
-            )
-            # (N, P, K, C) -> (N, K, C) -> (N, C, K): the second stage of the reduction.
-            d_channel = jnp.transpose(jnp.sum(partials, axis=1), (0, 2, 1))
-            return dx, d_channel, d_spatial
-
-        return _fold_vmapped_axis(backward_arrays)
+        return _fold_vmapped_axis(lambda x, cf, sf, g: guarded_backward(x, cf, sf, g, config))
 
     def forward(x, channel_filter, spatial_filter, config: DDFConfig):
         return forward_for(config)(x, channel_filter, spatial_filter)

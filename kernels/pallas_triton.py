@@ -52,17 +52,18 @@ Kernels:
   into a (N, pixel tiles, C, K) buffer that XLA then sums over the tile axis:
   a deterministic two-stage reduction instead of atomics.
 
-Tile sizes and launch options (`BlockSizes`) come from `tuning.py`: a tuned
-table entry for the call's shape class on this device kind, else a heuristic.
+Tile sizes and launch options (`tuning.BlockSizes`, one `LaunchConfig` per
+kernel) come from `tuning.py`: a tuned table entry for the call's shape class
+on this device kind, else a heuristic.
 
-On the GPU the calls always carry `pltriton.CompilerParams`, which selects the
-Triton lowering (without it Pallas would pick Mosaic GPU). On any other
-platform the same kernels run with `interpret=True`.
+On a CUDA GPU (`common.GPU_PLATFORMS`) the calls always carry
+`pltriton.CompilerParams`, which selects the Triton lowering (without it Pallas
+would pick Mosaic GPU). On the CPU the same kernels run with `interpret=True`
+(for tests). Other platforms (ROCm, TPU, ...) raise `ImplementationUnavailable`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -73,94 +74,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from . import tuning
-from .common import DDFConfig, accumulation_dtype, make_ddf_op
+from .common import (
+    GPU_PLATFORMS,
+    DDFConfig,
+    ImplementationUnavailable,
+    accumulation_dtype,
+    combine_filters,
+    make_ddf_op,
+)
+from .tuning import BlockSizes
 
-GPU_PLATFORMS = ("gpu", "cuda")
-
-
-def _is_power_of_2(value: int) -> bool:
-    return value >= 1 and value & (value - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes and launch parameters of the three kernels.
-
-    The Triton lowering needs every in-kernel array to have a power-of-two
-    number of elements, so every block size is a power of two; edges that do
-    not fill a tile are masked.
-
-    The dx_* and filters_num_* fields are optional: None means "the same as
-    the forward kernel's" (block_pixels, block_channels, num_warps,
-    num_stages), so a `BlockSizes` built from the first six fields alone
-    launches every kernel with one num_warps and num_stages, and dx with the
-    forward tile. `ddf_jax.kernels.tuning.launch_config` resolves a role.
-
-    Attributes:
-        block_pixels: BP, flattened output pixels per program in the forward
-            kernel (and in dx unless dx_block_pixels is set).
-        block_channels: BC, channels per program in the forward kernel (and in
-            dx unless dx_block_channels is set).
-        filters_block_pixels: flattened output pixels per program in the
-            filters kernel. It carries K accumulators of this length, and the
-            d_channel_filter partial buffer has ceil(Ho * Wo / this) rows.
-        filters_block_channels: channels per loop step in the filters kernel.
-        num_warps: Triton warps per program of the forward kernel (and of the
-            others unless set for them).
-        num_stages: Triton software-pipelining stages, likewise.
-        dx_block_pixels: flattened input pixels per program in the dx kernel.
-        dx_block_channels: channels per program in the dx kernel.
-        dx_num_warps: warps of the dx kernel.
-        dx_num_stages: pipelining stages of the dx kernel.
-        filters_num_warps: warps of the filters kernel.
-        filters_num_stages: pipelining stages of the filters kernel.
-    """
-
-    block_pixels: int
-    block_channels: int
-    filters_block_pixels: int
-    filters_block_channels: int
-    num_warps: int = 4
-    num_stages: int = 1
-    dx_block_pixels: int | None = None
-    dx_block_channels: int | None = None
-    dx_num_warps: int | None = None
-    dx_num_stages: int | None = None
-    filters_num_warps: int | None = None
-    filters_num_stages: int | None = None
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None and field.default is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
-            if "block_" in field.name and not _is_power_of_2(value):
-                raise ValueError(f"BlockSizes.{field.name} must be a power of two, got {value}")
-
-    @classmethod
-    def get_default(cls, channels: int, taps: int, heads: int = 1, *, dtype=None) -> "BlockSizes":
-        """Tiles for C channels, K taps and G heads: tuned ones if known, else the heuristic.
-
-        Each kernel's tiles come from `ddf_jax.kernels.tuning.choose_configs`:
-        the tuning table's entry for its shape class when the table was tuned
-        on this device kind, otherwise the heuristic starting points (see
-        `tuning.heuristic_config`).
-
-        Args:
-            channels: C, the number of channels of x.
-            taps: K = kernel_size ** 2.
-            heads: G, the number of spatial-filter heads (divides C).
-            dtype: x's dtype; None skips the tuning table (heuristic only).
-
-        Returns:
-            The `BlockSizes`.
-        """
-        configs = tuning.choose_configs(
-            "pallas_triton", channels=channels, taps=taps, heads=heads, dtype=dtype
-        )
-        return cls(**tuning.block_size_fields("pallas_triton", configs))
+# Where the kernels run in Pallas interpret mode instead (slow; for tests).
+INTERPRET_PLATFORMS = ("cpu",)
 
 
 # --------------------------------------------------------------------------
@@ -187,10 +112,6 @@ def _rem(index, divisor: int):
 def _clamp(index, size: int):
     """Clamps an index array into [0, size - 1] for a safe masked load."""
     return jnp.minimum(jnp.maximum(index, 0), size - 1)
-
-
-def _combine(spatial, channel, combine: str):
-    return spatial * channel if combine == "mul" else spatial + channel
 
 
 def _load(ref_view, mask, dtype):
@@ -267,7 +188,7 @@ def ddf_fwd_kernel(
                 pixel_valid[:, None] & channel_valid[None, :],
                 acc_dtype,
             )
-        acc += x_tap * _combine(spatial_tap, channel_tap[None, :], config.combine)
+        acc += x_tap * combine_filters(spatial_tap, channel_tap[None, :], config.combine)
 
     pltriton.store(
         out_ref.at[batch, row[:, None], col[:, None], channel[None, :]],
@@ -328,7 +249,7 @@ def ddf_bwd_dx_kernel(
                 mask,
                 acc_dtype,
             )
-        acc += grad_tap * _combine(spatial_tap, channel_tap[None, :], config.combine)
+        acc += grad_tap * combine_filters(spatial_tap, channel_tap[None, :], config.combine)
 
     pltriton.store(
         dx_ref.at[batch, row[:, None], col[:, None], channel[None, :]],
@@ -441,10 +362,16 @@ def _compiler_params(launch: tuning.LaunchConfig):
 
 
 def _launch_config(x, spatial_filter, config: DDFConfig, block_sizes: BlockSizes | None, role: str):
-    """One kernel's tiles and launch options: from `block_sizes`, else `BlockSizes.get_default`."""
+    """One kernel's tiles and launch options: from `block_sizes`, else `tuning.BlockSizes.get_default`."""
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(x.shape[-1], config.taps, spatial_filter.shape[3], dtype=x.dtype)
-    return tuning.launch_config("pallas_triton", block_sizes, role)
+        block_sizes = BlockSizes.get_default(
+            "pallas_triton",
+            channels=x.shape[-1],
+            taps=config.taps,
+            heads=spatial_filter.shape[3],
+            dtype=x.dtype,
+        )
+    return block_sizes.for_role(role)
 
 
 def forward(
@@ -464,7 +391,7 @@ def forward(
         spatial_filter: (N, Ho, Wo, G, K).
         config: the static `DDFConfig`.
         interpret: run the kernel in Pallas interpret mode (any platform).
-        block_sizes: tiles; `BlockSizes.get_default` when None.
+        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
 
     Returns:
         (N, Ho, Wo, C) in x's dtype, accumulated in float32 (float64 when any
@@ -511,7 +438,7 @@ def backward(
         grad_out: (N, Ho, Wo, C), the cotangent of the output.
         config: the static `DDFConfig`.
         interpret: run the kernels in Pallas interpret mode (any platform).
-        block_sizes: tiles; `BlockSizes.get_default` when None.
+        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
 
     Returns:
         (dx (N, H, W, C), d_channel_filter (N, C, K), d_spatial_filter
@@ -545,7 +472,7 @@ def backward_dx(
         grad_out: (N, Ho, Wo, C), the cotangent of the output.
         config: the static `DDFConfig`.
         interpret: run the kernel in Pallas interpret mode (any platform).
-        block_sizes: tiles; `BlockSizes.get_default` when None.
+        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
 
     Returns:
         dx, (N, H, W, C) in the accumulation dtype.
@@ -588,7 +515,7 @@ def backward_filters(
         grad_out: (N, Ho, Wo, C), the cotangent of the output.
         config: the static `DDFConfig`.
         interpret: run the kernel in Pallas interpret mode (any platform).
-        block_sizes: tiles; `BlockSizes.get_default` when None.
+        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
 
     Returns:
         (d_channel_filter (N, C, K), d_spatial_filter (N, Ho, Wo, G, K)), in
@@ -622,7 +549,7 @@ def backward_filters(
 
 
 def make_op(interpret: bool, block_sizes: BlockSizes | None = None):
-    """Builds the custom-VJP op with fixed tiles (None: `BlockSizes.get_default` per call).
+    """Builds the custom-VJP op with fixed tiles (None: `tuning.BlockSizes.get_default` per call).
 
     Args:
         interpret: run the kernels in Pallas interpret mode instead of
@@ -652,14 +579,29 @@ def _make_op(interpret: bool, block_sizes: BlockSizes | None):
 
 
 def get_op(platform: str):
-    """The Pallas-Triton op: compiled for "gpu"/"cuda", interpreted on any other platform.
+    """The Pallas-Triton op: compiled on a CUDA GPU, interpreted on the CPU.
 
     Args:
-        platform: a JAX platform name such as "cpu", "gpu" or "cuda".
+        platform: a JAX platform name: one of `GPU_PLATFORMS` ("gpu",
+            "cuda") compiles the kernels with Triton; "cpu" runs them in
+            Pallas interpret mode (orders of magnitude slower; for tests).
 
     Returns:
         `op(x, channel_filter, spatial_filter, config) -> out`, a
         `jax.custom_vjp` function over canonical arguments (see
         `ddf_jax.kernels.common`).
+
+    Raises:
+        ImplementationUnavailable: any other platform (such as "rocm" or
+            "tpu"), where the kernels would neither compile nor run at a
+            usable speed.
     """
-    return make_op(interpret=platform not in GPU_PLATFORMS)
+    if platform in GPU_PLATFORMS:
+        return make_op(interpret=False)
+    if platform in INTERPRET_PLATFORMS:
+        return make_op(interpret=True)
+    raise ImplementationUnavailable(
+        f'implementation="pallas_triton" cannot run on platform {platform!r}: its kernels compile '
+        f"only for CUDA GPUs (platforms {GPU_PLATFORMS}) and run in interpret mode only on "
+        f'{INTERPRET_PLATFORMS}. Use implementation="xla" on this platform.'
+    )

@@ -12,7 +12,8 @@ Memory layout (all arrays contiguous, row-major, NHWC):
     grad_out, out    (N, Ho, Wo, C)
     channel_filter   (N, C, K)                K = k*k, tap t = ky*k + kx
     spatial_filter   (N, Ho, Wo, G, K)        channel c uses head c // (C // G)
-    dcf_partials     (N, P, K, C) float32     P = number of output-pixel tiles
+    dcf_partials     (N, P, K, C)             P = number of output-pixel tiles; in the accumulation
+                                              dtype: float32, or float64 when FP64
 
 Math, for r = (k - 1) // 2 and tap offsets dy_t = (ky - r)*d, dx_t = (kx - r)*d:
 
@@ -39,8 +40,9 @@ rather than k*k.
   and i < Ho. Grid (N * cdiv(H*W, BLOCK_P), cdiv(C, BLOCK_C)).
 - `ddf_bwd_filter_kernel`: one program per (image, output-pixel tile); it loops
   over taps, heads and channel tiles. It owns its pixels' d_spatial_filter
-  entries outright and writes one float32 partial sum of d_channel_filter per
-  pixel tile, which the caller sums (a deterministic two-stage reduction).
+  entries outright and writes one partial sum of d_channel_filter per pixel
+  tile, in the accumulation dtype (float32, or float64 when FP64), which the
+  caller sums (a deterministic two-stage reduction).
   Grid (N * cdiv(Ho*Wo, BLOCK_P),).
 
 Indexing. Pixel indices inside one image (< H*W or Ho*Wo, checked by the caller

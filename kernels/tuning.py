@@ -9,7 +9,9 @@ three kernels, called *roles* here:
 
 Each role is launched with a `LaunchConfig`: a tile of `block_pixels` flattened
 pixels by `block_channels` channels (powers of two: the Triton lowering needs
-power-of-two array sizes), and Triton's `num_warps` and `num_stages`.
+power-of-two array sizes), and Triton's `num_warps` and `num_stages`. The
+three roles' configurations together form a `BlockSizes`, which is what both
+implementations take (`BlockSizes.get_default` picks one per call).
 
 How a launch configuration is chosen (`choose_configs`), role by role:
 
@@ -92,43 +94,6 @@ CHANNEL_BUCKET_CAP = 512
 TABLE_FORMAT_VERSION = 1
 TABLE_FILENAME = "tuning_table.json"
 TABLE_ENV_VAR = "DDF_JAX_TUNING_TABLE"
-
-# The fields of each implementation's `BlockSizes` that hold one role's
-# (block_pixels, block_channels, num_warps, num_stages), in that order.
-ROLE_FIELDS = {
-    "pallas_triton": {
-        "forward": ("block_pixels", "block_channels", "num_warps", "num_stages"),
-        "dx": ("dx_block_pixels", "dx_block_channels", "dx_num_warps", "dx_num_stages"),
-        "filters": (
-            "filters_block_pixels",
-            "filters_block_channels",
-            "filters_num_warps",
-            "filters_num_stages",
-        ),
-    },
-    "jax_triton": {
-        "forward": ("forward_pixels", "forward_channels", "num_warps", "num_stages"),
-        "dx": ("dx_pixels", "dx_channels", "dx_num_warps", "dx_num_stages"),
-        "filters": ("filter_pixels", "filter_channels", "filter_num_warps", "filter_num_stages"),
-    },
-}
-# Fields that may be None in a `BlockSizes`: they then take the value of the
-# forward role's field in the same position (e.g. pallas_triton's dx tile is
-# the forward tile unless set).
-INHERITED_FIELDS = {
-    "pallas_triton": frozenset(
-        {
-            "dx_block_pixels",
-            "dx_block_channels",
-            "dx_num_warps",
-            "dx_num_stages",
-            "filters_num_warps",
-            "filters_num_stages",
-        }
-    ),
-    "jax_triton": frozenset({"dx_num_warps", "dx_num_stages", "filter_num_warps", "filter_num_stages"}),
-}
-
 
 def next_power_of_2(value: int) -> int:
     """The smallest power of two >= value (1 for value <= 1)."""
@@ -688,53 +653,105 @@ def choose_configs(
 
 
 # --------------------------------------------------------------------------
-# Mapping between role configurations and each implementation's BlockSizes.
+# The launch configurations of all three roles, as the kernels take them.
 # --------------------------------------------------------------------------
 
 
-def block_size_fields(implementation: str, configs: Mapping[str, LaunchConfig]) -> dict[str, Optional[int]]:
-    """Keyword arguments of `implementation`'s `BlockSizes` for per-role configurations.
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles and launch options of the three kernels of a GPU implementation, one `LaunchConfig` per role.
 
-    An inherited field (see `INHERITED_FIELDS`) is left None when it equals
-    the forward role's value, so defaults look as they always did.
+    Both `pallas_triton` and `jax_triton` take one. It is frozen and
+    hashable, so ops built with fixed tiles can be cached on it. Every tile
+    size is a power of two (the Triton lowering needs power-of-two array
+    sizes); edges that do not fill a tile are masked by the kernels, so tiles
+    change speed, never results.
 
-    Args:
-        implementation: "pallas_triton" or "jax_triton".
-        configs: a `LaunchConfig` for each of "forward", "dx" and "filters".
-
-    Returns:
-        {field name: value} for every launch field of that `BlockSizes`.
+    Attributes:
+        forward: the forward kernel's tile of flattened *output* pixels x
+            channels, and its num_warps and num_stages.
+        dx: the dx kernel's tile of flattened *input* pixels x channels.
+        filters: the filter-gradient kernel: block_pixels flattened output
+            pixels per program (pallas_triton carries K accumulators of this
+            length; the d_channel_filter partial buffer has ceil(Ho * Wo /
+            block_pixels) rows) and block_channels channels per step of its
+            loop over one head's channels.
     """
-    _check_choice(implementation, "implementation", IMPLEMENTATIONS)
-    missing = [role for role in ROLES if role not in configs]
-    if missing:
-        raise ValueError(f"configs must have every role {ROLES}, missing {missing}")
-    forward = dataclasses.astuple(configs["forward"])
-    fields = {}
-    for role in ROLES:
-        values = dataclasses.astuple(configs[role])
-        for position, (name, value) in enumerate(zip(ROLE_FIELDS[implementation][role], values)):
-            inherit = name in INHERITED_FIELDS[implementation] and value == forward[position]
-            fields[name] = None if inherit else value
-    return fields
 
+    forward: LaunchConfig
+    dx: LaunchConfig
+    filters: LaunchConfig
 
-def launch_config(implementation: str, block_sizes, role: str) -> LaunchConfig:
-    """One role's `LaunchConfig` read from an implementation's `BlockSizes`.
+    def __post_init__(self):
+        for role in ROLES:
+            config = getattr(self, role)
+            if not isinstance(config, LaunchConfig):
+                raise TypeError(f"BlockSizes.{role} must be a LaunchConfig, got {config!r}")
+            if not is_power_of_2(config.num_warps):
+                raise ValueError(
+                    f"BlockSizes.{role}.num_warps must be a power of two, got {config.num_warps}"
+                )
 
-    An inherited field that is None takes the forward role's value.
-    """
-    _check_choice(implementation, "implementation", IMPLEMENTATIONS)
-    _check_choice(role, "role", ROLES)
-    forward_names = ROLE_FIELDS[implementation]["forward"]
-    values = []
-    for name, forward_name in zip(ROLE_FIELDS[implementation][role], forward_names):
-        value = getattr(block_sizes, name)
-        values.append(getattr(block_sizes, forward_name) if value is None else value)
-    return LaunchConfig(*values)
+    def for_role(self, role: str) -> LaunchConfig:
+        """The `LaunchConfig` of "forward", "dx" or "filters"."""
+        _check_choice(role, "role", ROLES)
+        return getattr(self, role)
+
+    def describe(self) -> str:
+        """Short text such as "forward 32x64 w4 s1, dx 32x64 w4 s1, filters 128x16 w4 s1"."""
+        return ", ".join(f"{role} {self.for_role(role).describe()}" for role in ROLES)
+
+    @classmethod
+    def get_default(
+        cls,
+        implementation: str,
+        *,
+        channels: int,
+        taps: int,
+        heads: int = 1,
+        dtype=None,
+        in_pixels: Optional[int] = None,
+        out_pixels: Optional[int] = None,
+        table: Optional[TuningTable] = None,
+        device_kind: Optional[str] = None,
+    ) -> "BlockSizes":
+        """Each role's tuned configuration if the table has one for this device, else the heuristic.
+
+        See `choose_configs` (this is its result as a `BlockSizes`).
+
+        Args:
+            implementation: "pallas_triton" or "jax_triton".
+            channels: C of x (N, H, W, C).
+            taps: K = kernel_size ** 2.
+            heads: G, the spatial-filter heads (divides C).
+            dtype: x's dtype; None skips the table (heuristic only).
+            in_pixels: H * W if known (jax_triton's heuristic caps its dx
+                pixel tile by it).
+            out_pixels: Ho * Wo if known (caps jax_triton's heuristic
+                forward and filters pixel tiles).
+            table: the table; default `active_table()`.
+            device_kind: default `current_device_kind()`.
+
+        Returns:
+            The `BlockSizes`.
+        """
+        return cls(
+            **choose_configs(
+                implementation,
+                channels=channels,
+                taps=taps,
+                heads=heads,
+                dtype=dtype,
+                in_pixels=in_pixels,
+                out_pixels=out_pixels,
+                table=table,
+                device_kind=device_kind,
+            )
+        )
 
 
 __all__ = [
+    "BlockSizes",
     "CHANNEL_BUCKET_CAP",
     "DeviceTable",
     "IMPLEMENTATIONS",
@@ -745,7 +762,6 @@ __all__ = [
     "TuningTable",
     "active_table",
     "active_table_path",
-    "block_size_fields",
     "channel_bucket",
     "choose_configs",
     "clear_cache",
@@ -753,9 +769,9 @@ __all__ = [
     "default_table_path",
     "dtype_bits",
     "heuristic_config",
-    "launch_config",
     "lookup",
     "new_device_table",
+    "is_power_of_2",
     "next_power_of_2",
     "previous_power_of_2",
     "read_table",

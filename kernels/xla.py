@@ -13,9 +13,13 @@ which equals `x[n, i*s + dy, j*s + dx, c]` on the output grid. For s = 1 the
 split is a free reshape.
 
 **Forward.** `out = sum_t window_t * comb(sf[..., t], cf[:, t])`, unrolled over
-the k*k taps. XLA fuses the whole sum into one loop over the output, so the
-k*k-times larger unfolded tensor is never built. Accumulation is in float32
-(float64 for float64 inputs).
+the k*k taps. Accumulation is in float32 (float64 for float64 inputs). The sum
+is written so that XLA can fuse it into one loop over the output and never
+build the k*k-times larger unfolded tensor. On the CPU backend (jax 0.10.2)
+this holds: at x (8, 56, 56, 64) float32 and k=3 the jitted forward's
+temporaries are 1.07x the bytes of x and the jitted gradient's 2.3x (an
+unfolded tensor alone would be 9x). On GPUs the same fusion is intended but
+has not been measured yet.
 
 **Backward**, written out (not autodiff of the forward), as one `lax.scan`
 over the taps so that only one tap's temporaries are alive at a time:
@@ -28,8 +32,8 @@ over the taps so that only one tap's temporaries are alive at a time:
 - d_channel_filter[n, c, t] = sum over output pixels of `g * window_t`
   (times sf[..., t] for "mul"): a batched mat-vec.
 
-The mat-vecs use `Precision.HIGHEST` so that float32 stays float32 on GPUs
-(no TF32).
+The mat-vecs use `Precision.HIGHEST`, meant to keep float32 products in full
+float32 on GPUs (no TF32); that has not been checked on a GPU yet.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .common import DDFConfig, accumulation_dtype, make_ddf_op
+from .common import DDFConfig, accumulation_dtype, combine_filters, make_ddf_op
 
 
 def _phase_split(x: jax.Array, config: DDFConfig, out_h: int, out_w: int) -> jax.Array:
@@ -83,10 +87,6 @@ def _per_channel(spatial_tap: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(spatial_tap, channels // heads, axis=-1)
 
 
-def _combine(spatial: jax.Array, channel: jax.Array, combine: str) -> jax.Array:
-    return spatial * channel if combine == "mul" else spatial + channel
-
-
 def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     """DDF forward. See the module docstring for the layout."""
     n, _, _, c = x.shape
@@ -98,7 +98,7 @@ def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     out = jnp.zeros((n, out_h, out_w, c), acc)
     for py, px, sy, sx, t in _tap_table(config):
         window = phases[py, px, :, sy : sy + out_h, sx : sx + out_w, :].astype(acc)
-        weight = _combine(_per_channel(sf[..., t], c), cf[:, None, None, :, t], config.combine)
+        weight = combine_filters(_per_channel(sf[..., t], c), cf[:, None, None, :, t], config.combine)
         out = out + window * weight
     return out.astype(x.dtype)
 
@@ -121,7 +121,7 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
         sf_t = lax.dynamic_index_in_dim(spatial_filter, t, axis=4, keepdims=False).astype(acc)
         cf_t = lax.dynamic_index_in_dim(channel_filter, t, axis=2, keepdims=False).astype(acc)
 
-        weight = _combine(_per_channel(sf_t, c), cf_t[:, None, None, :], config.combine)
+        weight = combine_filters(_per_channel(sf_t, c), cf_t[:, None, None, :], config.combine)
         dx_window = lax.dynamic_slice(dx_phases, start, window_size) + (g * weight)[None, None]
         dx_phases = lax.dynamic_update_slice(dx_phases, dx_window, start)
 

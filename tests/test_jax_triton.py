@@ -46,7 +46,7 @@ if not HAS_GPU and "triton" not in sys.modules:
 import ddf_jax  # noqa: E402
 from ddf_jax.kernels import DDFConfig, ImplementationUnavailable  # noqa: E402
 from ddf_jax.kernels import jax_triton as jt  # noqa: E402
-from ddf_jax.kernels import xla  # noqa: E402
+from ddf_jax.kernels import tuning, xla  # noqa: E402
 from tests.reference import ddf_reference  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +96,13 @@ def test_cpu_platform_raises_clear_error():
     assert "GPU" in message and "'cpu'" in message and 'implementation="xla"' in message
 
 
+@pytest.mark.parametrize("platform", ["rocm", "tpu"])
+def test_non_cuda_platform_raises_clear_error(platform):
+    # Checked before any import, so the same on every machine.
+    with pytest.raises(ImplementationUnavailable, match=rf"cannot run on platform '{platform}'.*CUDA GPU"):
+        jt.get_op(platform)
+
+
 def test_missing_package_raises_clear_error(monkeypatch):
     # A None entry in sys.modules makes `import jax_triton` raise ImportError.
     monkeypatch.setitem(sys.modules, "jax_triton", None)
@@ -109,8 +116,8 @@ def test_import_is_lazy():
         """
         import sys
         import ddf_jax
-        from ddf_jax.kernels import jax_triton
-        jax_triton.BlockSizes.get_default(64)
+        from ddf_jax.kernels import jax_triton, tuning
+        tuning.BlockSizes.get_default("jax_triton", channels=64, taps=9)
         leaked = sorted(m for m in ("triton", "jax_triton", "torch") if m in sys.modules)
         assert not leaked, leaked
         """
@@ -121,28 +128,32 @@ def test_import_is_lazy():
     assert result.returncode == 0, result.stderr
 
 
-def test_block_sizes_defaults_and_validation():
-    blocks = jt.BlockSizes.get_default(256, heads=2, in_pixels=56 * 56, out_pixels=28 * 28)
-    for value in (
-        blocks.forward_pixels,
-        blocks.forward_channels,
-        blocks.dx_pixels,
-        blocks.dx_channels,
-        blocks.filter_pixels,
-        blocks.filter_channels,
-    ):
-        assert value >= 1 and value & (value - 1) == 0
-    assert blocks.forward_channels == 64 and blocks.filter_channels == 32
-    assert hash(blocks) == hash(jt.BlockSizes.get_default(256, 2, 56 * 56, 28 * 28))
+def default_blocks(channels, heads=1, in_pixels=None, out_pixels=None, taps=9):
+    return tuning.BlockSizes.get_default(
+        "jax_triton", channels=channels, taps=taps, heads=heads, in_pixels=in_pixels, out_pixels=out_pixels
+    )
+
+
+def blocks_of(forward, dx, filters, num_warps=4, num_stages=2):
+    """A `tuning.BlockSizes` from (pixels, channels) tiles, one warps/stages setting for all three kernels."""
+    return tuning.BlockSizes(
+        *(tuning.LaunchConfig(*tile, num_warps, num_stages) for tile in (forward, dx, filters))
+    )
+
+
+def test_block_sizes_defaults():
+    blocks = default_blocks(256, heads=2, in_pixels=56 * 56, out_pixels=28 * 28)
+    for role in tuning.ROLES:
+        config = blocks.for_role(role)
+        assert (config.num_warps, config.num_stages) == (4, 2)
+        for value in (config.block_pixels, config.block_channels):
+            assert value >= 1 and value & (value - 1) == 0
+    assert blocks.forward.block_channels == 64 and blocks.filters.block_channels == 32
+    assert hash(blocks) == hash(default_blocks(256, 2, 56 * 56, 28 * 28))
     # Tiny images get small pixel tiles; three channels get a 4-lane tile.
-    small = jt.BlockSizes.get_default(3, 3, in_pixels=6, out_pixels=6)
-    assert small.forward_pixels == 16 and small.forward_channels == 4 and small.filter_channels == 1
-    with pytest.raises(ValueError, match=r"BlockSizes.forward_pixels must be a power of two, got 48"):
-        jt.BlockSizes(48, 16, 16, 16, 16, 16)
-    with pytest.raises(TypeError, match=r"BlockSizes.dx_channels must be an int"):
-        jt.BlockSizes(16, 16, 16, 16.0, 16, 16)
-    with pytest.raises(ValueError, match=r"num_stages must be >= 1, got 0"):
-        jt.BlockSizes(16, 16, 16, 16, 16, 16, num_stages=0)
+    small = default_blocks(3, 3, in_pixels=6, out_pixels=6)
+    assert (small.forward.block_pixels, small.forward.block_channels) == (16, 4)
+    assert small.filters.block_channels == 1
 
 
 def test_launch_specs_for_a_tensor_above_int32_range():
@@ -152,15 +163,16 @@ def test_launch_specs_for_a_tensor_above_int32_range():
     cf = jax.ShapeDtypeStruct((2, 64, 9), jnp.bfloat16)
     sf = jax.ShapeDtypeStruct((2, 6144, 6144, 1, 9), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((2, 6144, 6144, 64), jnp.bfloat16)
-    blocks = jt.BlockSizes.get_default(64, 1, 6144 * 6144, 6144 * 6144)
+    blocks = default_blocks(64, 1, 6144 * 6144, 6144 * 6144)
     forward = jt.forward_launch(x, cf, sf, config)
-    assert forward.grid == (2 * 6144 * 6144 // blocks.forward_pixels, 64 // blocks.forward_channels)
+    tile = blocks.forward
+    assert forward.grid == (2 * 6144 * 6144 // tile.block_pixels, 64 // tile.block_channels)
     assert forward.out_shapes[0].shape == x.shape and forward.out_shapes[0].dtype == jnp.bfloat16
     assert forward.constexprs["FP64"] is False and forward.constexprs["MUL"] is True
     dx = jt.dx_launch(x, cf, sf, g, config)
     assert dx.out_shapes[0].shape == x.shape
     filters = jt.filter_launch(x, cf, sf, g, config)
-    tiles = 6144 * 6144 // blocks.filter_pixels
+    tiles = 6144 * 6144 // blocks.filters.block_pixels
     assert filters.grid == (2 * tiles,)
     assert filters.out_shapes[1].shape == (2, tiles, 9, 64) and filters.out_shapes[1].dtype == jnp.float32
 
@@ -173,7 +185,7 @@ def test_launch_spec_errors():
     with pytest.raises(ValueError, match=r"fewer than 2\*\*31 pixels"):
         jt.forward_launch(huge, cf, sf, config)
     many_channels = jax.ShapeDtypeStruct((1, 4, 4, 65536 * 2), jnp.float32)
-    blocks = jt.BlockSizes(16, 1, 16, 1, 16, 1)
+    blocks = blocks_of((16, 1), (16, 1), (16, 1))
     with pytest.raises(ValueError, match=r"exceeds the CUDA limits"):
         jt.forward_launch(
             many_channels,
@@ -182,6 +194,40 @@ def test_launch_spec_errors():
             config,
             blocks,
         )
+
+
+class RecordingLaunch:
+    """A `triton_call` stand-in that records each launch grid and returns NaN-filled outputs."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __call__(self, *arrays, kernel, out_shape, grid, **options):
+        self.grids.append(grid)
+        return tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 4, 4), (1, 0, 4, 4), (1, 5, 4, 0)])
+def test_empty_inputs_launch_nothing(shape):
+    """N, H or C = 0: zeros and zero gradients from `make_ddf_op`, no launch (no Triton needed)."""
+    launch = RecordingLaunch()
+    config = DDFConfig(3, 2, 1, "mul")
+    x, cf, sf, g = random_inputs(0, *shape, 3, 2)
+    out, grads = forward_and_vjp(jt.build_op(launch), x, cf, sf, g, config)
+    chex.assert_trees_all_equal((out, grads), (jnp.zeros_like(g), tuple(map(jnp.zeros_like, (x, cf, sf)))))
+    assert launch.grids == []
+
+
+def test_vmap_over_an_empty_axis_launches_nothing():
+    """vmap over a size-0 axis: `make_ddf_op` sees the non-empty per-example shapes, and the
+    folded call (N = 0) must still launch nothing. Tracing at the per-example shapes
+    records non-empty grids, which never run."""
+    launch = RecordingLaunch()
+    config = DDFConfig(3, 2, 1, "add")
+    x, cf, sf, g = (a[None][:0] for a in random_inputs(1, 2, 5, 4, 4, 3, 2, 2))
+    out, grads = jax.vmap(lambda *a: forward_and_vjp(jt.build_op(launch), *a, config))(x, cf, sf, g)
+    chex.assert_trees_all_equal((out, grads), (jnp.zeros_like(g), tuple(map(jnp.zeros_like, (x, cf, sf)))))
+    assert launch.grids and all(min(grid) > 0 for grid in launch.grids), launch.grids
 
 
 # --------------------------------------------------------------------------------------
@@ -266,8 +312,8 @@ def interpreted():
 
 
 # (k, stride, dilation, heads, combine, (N, H, W, C), block sizes or None)
-SMALL_BLOCKS = jt.BlockSizes(16, 4, 16, 4, 16, 4)  # many pixel and channel tiles
-ODD_BLOCKS = jt.BlockSizes(32, 8, 16, 8, 32, 2)
+SMALL_BLOCKS = blocks_of((16, 4), (16, 4), (16, 4))  # many pixel and channel tiles
+ODD_BLOCKS = blocks_of((32, 8), (16, 8), (32, 2))
 INTERPRETER_GRID = [
     (1, 1, 1, 1, "mul", (2, 11, 9, 20), None),
     (1, 2, 1, 2, "add", (2, 11, 9, 20), None),
@@ -295,15 +341,6 @@ def test_interpreted_kernels_match_xla(interpreted, k, stride, dilation, heads, 
     assert_relative_error(dx, ref_dx, 1e-5, "dx")
     assert_relative_error(dcf, ref_dcf, 1e-5, "d_channel_filter")
     assert_relative_error(dsf, ref_dsf, 1e-5, "d_spatial_filter")
-
-
-@pytest.mark.parametrize("shape", [(0, 5, 4, 4), (1, 0, 4, 4), (1, 5, 4, 0)])
-def test_interpreted_empty_inputs(interpreted, shape):
-    """Empty arrays launch nothing (a grid of zero programs is invalid) and give zeros."""
-    config = DDFConfig(3, 2, 1, "mul")
-    x, cf, sf, g = random_inputs(0, *shape, 3, 2)
-    out, grads = forward_and_vjp(interpreted(), x, cf, sf, g, config)
-    chex.assert_trees_all_equal((out, grads), (jnp.zeros_like(g), tuple(map(jnp.zeros_like, (x, cf, sf)))))
 
 
 @pytest.mark.parametrize("k,stride,dilation,heads,combine", [(3, 2, 1, 2, "mul"), (5, 1, 2, 1, "add")])

@@ -274,3 +274,44 @@ def test_xla_gradient_memory_stays_small():
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
     assert analysis.temp_size_in_bytes <= 4 * x.nbytes, analysis.temp_size_in_bytes / x.nbytes
+
+
+# --- empty inputs, every implementation that runs here -------------------------
+
+
+def _runnable_implementations():
+    """The implementations whose op `ddf_jax.ddf` can run on this backend."""
+    from ddf_jax.kernels import ImplementationUnavailable, get_op
+
+    runnable = []
+    for name in ddf_jax.IMPLEMENTATIONS:
+        try:
+            get_op(name, jax.default_backend())
+        except ImplementationUnavailable:
+            continue
+        runnable.append(name)
+    return runnable
+
+
+@pytest.mark.parametrize(
+    "shape,stride,dtype",
+    [((0, 4, 4, 2), 1, jnp.float32), ((1, 0, 4, 2), 2, jnp.float32), ((0, 5, 3, 4), 2, jnp.bfloat16)],
+)
+def test_empty_inputs_give_zeros_for_every_implementation(shape, stride, dtype):
+    """N = 0 or H = 0: zeros of the right shape and dtype, and zero gradients, without a kernel launch."""
+    implementations = _runnable_implementations()
+    assert "xla" in implementations and "pallas_triton" in implementations
+    n, h, w, c = shape
+    x, cf, sf = random_inputs(0, n, h, w, c, 3, stride, 2, dtype)
+    out_shape = (n, -(-h // stride), -(-w // stride), c)
+    for implementation in implementations:
+
+        def f(x, cf, sf):
+            return ddf_jax.ddf(x, cf, sf, kernel_size=3, stride=stride, implementation=implementation)
+
+        out = f(x, cf, sf)
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, jnp.zeros(out_shape, dtype))
+        grads = jax.jit(jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2)))(x, cf, sf)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, (x, cf, sf))
+        # cf has elements when H = 0: its gradient is an empty sum, exactly zero.
+        chex.assert_trees_all_equal(grads, tuple(jnp.zeros_like(a) for a in (x, cf, sf)))

@@ -24,7 +24,7 @@ import pytest
 from jax.test_util import check_grads
 
 import ddf_jax
-from ddf_jax.kernels import DDFConfig, pallas_triton
+from ddf_jax.kernels import DDFConfig, ImplementationUnavailable, pallas_triton, tuning
 from tests.reference import ddf_reference
 from tests.utils import random_ddf_inputs as random_inputs
 
@@ -37,8 +37,10 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 # Small tiles, so that every kernel runs several pixel tiles and several
 # channel tiles (the filters kernel loops over >= 2 channel tiles per head),
 # with partial tiles at the edges, even on these tiny shapes.
-SMALL_BLOCKS = pallas_triton.BlockSizes(
-    block_pixels=32, block_channels=8, filters_block_pixels=16, filters_block_channels=4
+SMALL_BLOCKS = tuning.BlockSizes(
+    forward=tuning.LaunchConfig(32, 8, num_warps=4, num_stages=1),
+    dx=tuning.LaunchConfig(32, 8, num_warps=4, num_stages=1),
+    filters=tuning.LaunchConfig(16, 4, num_warps=4, num_stages=1),
 )
 
 # (n, h, w, c, k, stride, dilation, heads, combine). H, W, C are odd or not
@@ -297,7 +299,6 @@ def test_float64_check_grads():
 def test_get_op_platforms_and_caching():
     interpreted = pallas_triton.get_op("cpu")
     compiled = pallas_triton.get_op("gpu")
-    assert interpreted is pallas_triton.get_op("tpu")
     assert compiled is pallas_triton.get_op("cuda")
     assert interpreted is not compiled
     assert interpreted.__name__ == "ddf_pallas_triton_interpret"
@@ -307,20 +308,31 @@ def test_get_op_platforms_and_caching():
     assert fixed is not interpreted
 
 
+@pytest.mark.parametrize("platform", ["rocm", "tpu", "METAL"])
+def test_unsupported_platform_raises_instead_of_interpreting(platform):
+    with pytest.raises(ImplementationUnavailable, match=rf"cannot run on platform '{platform}'") as info:
+        pallas_triton.get_op(platform)
+    message = str(info.value)
+    assert "CUDA" in message and "('gpu', 'cuda')" in message and 'implementation="xla"' in message
+
+
+def default_blocks(channels, taps, heads=1):
+    return tuning.BlockSizes.get_default("pallas_triton", channels=channels, taps=taps, heads=heads)
+
+
 def test_block_sizes_defaults_and_validation():
-    # K * filters_block_pixels stays near 2K elements as k grows.
+    # K * filters block_pixels stays near 2K elements as k grows.
     for k, expected in ((1, 128), (3, 128), (5, 64), (7, 32), (9, 16)):
-        blocks = pallas_triton.BlockSizes.get_default(channels=256, taps=k * k)
-        assert blocks.filters_block_pixels == expected
-    small = pallas_triton.BlockSizes.get_default(channels=12, taps=9, heads=4)
-    assert (small.block_channels, small.block_pixels, small.filters_block_channels) == (16, 128, 4)
-    assert pallas_triton.BlockSizes.get_default(channels=1000, taps=9).block_channels == 64
-    with pytest.raises(ValueError, match="block_pixels must be a power of two, got 24"):
-        pallas_triton.BlockSizes(
-            block_pixels=24, block_channels=16, filters_block_pixels=16, filters_block_channels=16
-        )
+        assert default_blocks(channels=256, taps=k * k).filters.block_pixels == expected
+    small = default_blocks(channels=12, taps=9, heads=4)
+    assert (small.forward.block_channels, small.forward.block_pixels) == (16, 128)
+    assert small.filters.block_channels == 4
+    assert small.dx == small.forward and small.forward.num_stages == 1
+    assert default_blocks(channels=1000, taps=9).forward.block_channels == 64
+    with pytest.raises(ValueError, match="block_pixels must be a positive power of two, got 24"):
+        tuning.LaunchConfig(24, 16, 4, 1)
     with pytest.raises(ValueError, match="num_warps must be a positive int, got 0"):
-        pallas_triton.BlockSizes(16, 16, 16, 16, num_warps=0)
+        tuning.LaunchConfig(16, 16, 0, 1)
 
 
 # --------------------------------------------------------------------------

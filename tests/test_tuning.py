@@ -2,7 +2,7 @@
 
 Covers: the lookup rules (a table hit, another device kind, a missing or
 broken file, the shape-class buckets), the mapping between per-role launch
-configurations and each implementation's `BlockSizes`, the autotuner's
+configurations and the `BlockSizes` both kernels take, the autotuner's
 candidates and plan, choosing winners and writing them, a table that
 round-trips through its file, and, in Pallas interpret mode, that a table
 entry forcing non-default tiles really reaches the kernels (their launch grids
@@ -27,7 +27,6 @@ from experiments import autotune
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LC = tuning.LaunchConfig
-BLOCK_SIZES = {"pallas_triton": pallas_triton.BlockSizes, "jax_triton": jax_triton.BlockSizes}
 # XLA CPU options for compiling interpret-mode kernels faster (as in test_pallas_triton).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -43,6 +42,12 @@ def fresh_table_cache(monkeypatch):
 
 def device_table(kind, entries, measured=None):
     return tuning.DeviceTable(kind, "gpu", "0.11.2", "2026-01-31", dict(entries), dict(measured or {}))
+
+
+def pallas_defaults(channels, taps, heads=1, dtype=None):
+    return tuning.BlockSizes.get_default(
+        "pallas_triton", channels=channels, taps=taps, heads=heads, dtype=dtype
+    )
 
 
 def key(implementation="pallas_triton", role="forward", bits=32, channels=256, taps=9):
@@ -110,14 +115,14 @@ def test_lookup_rules():
 
 
 def test_missing_empty_disabled_and_broken_tables_give_the_heuristic(monkeypatch, tmp_path):
-    expected = pallas_triton.BlockSizes.get_default(256, 9)  # no dtype: never the table
+    expected = pallas_defaults(256, 9)  # no dtype: never the table
     cases = {"missing": tmp_path / "absent.json", "empty": tmp_path / "empty.json"}
     cases["empty"].write_text("  \n")
     for name, path in cases.items():
         monkeypatch.setenv(tuning.TABLE_ENV_VAR, str(path))
         tuning.clear_cache()
         assert tuning.active_table() == tuning.TuningTable(), name
-        assert pallas_triton.BlockSizes.get_default(256, 9, dtype=jnp.float32) == expected, name
+        assert pallas_defaults(256, 9, dtype=jnp.float32) == expected, name
 
     monkeypatch.setenv(tuning.TABLE_ENV_VAR, "none")
     tuning.clear_cache()
@@ -129,7 +134,7 @@ def test_missing_empty_disabled_and_broken_tables_give_the_heuristic(monkeypatch
     tuning.clear_cache()
     with pytest.warns(RuntimeWarning, match="ignoring the DDF tuning table.*not valid JSON"):
         assert tuning.active_table() == tuning.TuningTable()
-    assert pallas_triton.BlockSizes.get_default(256, 9, dtype=jnp.float32) == expected
+    assert pallas_defaults(256, 9, dtype=jnp.float32) == expected
 
 
 def test_active_table_on_this_device_reaches_both_block_sizes(monkeypatch, tmp_path):
@@ -151,31 +156,19 @@ def test_active_table_on_this_device_reaches_both_block_sizes(monkeypatch, tmp_p
         }
     )
     use_table(monkeypatch, tmp_path, table)
-    pallas = pallas_triton.BlockSizes.get_default(12, 9, dtype=jnp.float32)
-    heuristic = pallas_triton.BlockSizes.get_default(12, 9)
-    assert tuning.launch_config("pallas_triton", pallas, "dx") == pallas_dx
-    for role in ("forward", "filters"):  # no entry here (the forward one is another device's)
-        assert tuning.launch_config("pallas_triton", pallas, role) == tuning.launch_config(
-            "pallas_triton", heuristic, role
-        )
-    assert pallas_triton.BlockSizes.get_default(12, 9, dtype=jnp.bfloat16) == heuristic
+    pallas = pallas_defaults(12, 9, dtype=jnp.float32)
+    heuristic = pallas_defaults(12, 9)
+    # Only dx has an entry here (the forward one is another device's).
+    assert pallas == dataclasses.replace(heuristic, dx=pallas_dx)
+    assert pallas_defaults(12, 9, dtype=jnp.bfloat16) == heuristic
 
-    blocks = jax_triton.BlockSizes.get_default(12, 1, 99, 99, taps=9, dtype=jnp.float32)
-    assert tuning.launch_config("jax_triton", blocks, "filters") == jt_filters
-    assert (
-        blocks.filter_pixels,
-        blocks.filter_channels,
-        blocks.filter_num_warps,
-        blocks.filter_num_stages,
-    ) == (
-        32,
-        16,
-        8,
-        3,
-    )
-    assert jax_triton.BlockSizes.get_default(12, 1, 99, 99) == jax_triton.BlockSizes.get_default(
-        12, 1, 99, 99, taps=25, dtype=jnp.float32
-    )
+    def jax_triton_defaults(**kwargs):
+        return tuning.BlockSizes.get_default("jax_triton", channels=12, in_pixels=99, out_pixels=99, **kwargs)
+
+    blocks = jax_triton_defaults(taps=9, dtype=jnp.float32)
+    assert blocks.filters == jt_filters and blocks.for_role("filters") == LC(32, 16, 8, 3)
+    assert jax_triton_defaults(taps=9) == jax_triton_defaults(taps=25, dtype=jnp.float32)
+    assert blocks == dataclasses.replace(jax_triton_defaults(taps=9), filters=jt_filters)
 
 
 def test_jax_triton_launches_use_the_table_per_role(monkeypatch, tmp_path):
@@ -202,35 +195,34 @@ def test_jax_triton_launches_use_the_table_per_role(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------
-# BlockSizes <-> per-role configurations.
+# BlockSizes: one per-role configuration set for both kernels.
 # --------------------------------------------------------------------------
 
 
-def test_block_size_fields_and_launch_config_round_trip():
-    configs = {"forward": LC(32, 64, 4, 1), "dx": LC(32, 64, 4, 1), "filters": LC(128, 16, 4, 1)}
-    fields = tuning.block_size_fields("pallas_triton", configs)
-    # dx equal to forward: left None, so the BlockSizes looks as it always did.
-    assert fields["dx_block_pixels"] is None and fields["filters_num_warps"] is None
-    blocks = pallas_triton.BlockSizes(**fields)
-    assert blocks == pallas_triton.BlockSizes(32, 64, 128, 16)
-    for role, config in configs.items():
-        assert tuning.launch_config("pallas_triton", blocks, role) == config
-
+def test_block_sizes_roles_and_validation():
     configs = {"forward": LC(64, 64, 4, 2), "dx": LC(128, 32, 8, 3), "filters": LC(64, 16, 2, 1)}
-    for implementation, cls in BLOCK_SIZES.items():
-        blocks = cls(**tuning.block_size_fields(implementation, configs))
-        assert {role: tuning.launch_config(implementation, blocks, role) for role in tuning.ROLES} == configs
+    blocks = tuning.BlockSizes(**configs)
+    assert {role: blocks.for_role(role) for role in tuning.ROLES} == configs
+    assert blocks.describe() == "forward 64x64 w4 s2, dx 128x32 w8 s3, filters 64x16 w2 s1"
+    assert hash(blocks) == hash(tuning.BlockSizes(**configs))  # usable as a cache key
+    for implementation in tuning.IMPLEMENTATIONS:
+        defaults = tuning.BlockSizes.get_default(implementation, channels=200, taps=9, heads=2)
+        assert {role: defaults.for_role(role) for role in tuning.ROLES} == tuning.choose_configs(
+            implementation, channels=200, taps=9, heads=2
+        )
 
-    with pytest.raises(ValueError, match="dx_block_pixels must be a power of two, got 24"):
-        pallas_triton.BlockSizes(16, 16, 16, 16, dx_block_pixels=24)
-    with pytest.raises(ValueError, match="filters_num_stages must be a positive int, got 0"):
-        pallas_triton.BlockSizes(16, 16, 16, 16, filters_num_stages=0)
-    with pytest.raises(ValueError, match="dx_num_stages must be >= 1, got 0"):
-        jax_triton.BlockSizes(16, 16, 16, 16, 16, 16, dx_num_stages=0)
-    with pytest.raises(ValueError, match="filter_num_warps must be a power of two, got 3"):
-        jax_triton.BlockSizes(16, 16, 16, 16, 16, 16, filter_num_warps=3)
-    with pytest.raises(ValueError, match="configs must have every role"):
-        tuning.block_size_fields("jax_triton", {"forward": LC(16, 16, 4, 1)})
+    with pytest.raises(ValueError, match="role must be one of"):
+        blocks.for_role("backward")
+    with pytest.raises(TypeError, match=r"BlockSizes.dx must be a LaunchConfig, got \(16, 16, 4, 1\)"):
+        tuning.BlockSizes(LC(16, 16, 4, 1), (16, 16, 4, 1), LC(16, 16, 4, 1))
+    with pytest.raises(ValueError, match="BlockSizes.filters.num_warps must be a power of two, got 3"):
+        tuning.BlockSizes(LC(16, 16, 4, 1), LC(16, 16, 4, 1), LC(16, 16, 3, 1))
+    with pytest.raises(ValueError, match="LaunchConfig.block_pixels must be a positive power of two, got 24"):
+        LC(24, 16, 4, 1)
+    with pytest.raises(ValueError, match="LaunchConfig.num_stages must be a positive int, got 0"):
+        LC(16, 16, 4, 0)
+    with pytest.raises(ValueError, match=r"block_channels must be a positive power of two, got 16.0"):
+        LC(16, 16.0, 4, 1)
 
 
 # --------------------------------------------------------------------------
@@ -346,8 +338,7 @@ def test_candidates_are_valid_block_sizes(implementation, role, channels, taps, 
         if implementation == "pallas_triton" and role != "filters":
             assert config.num_stages == 1, config  # no loop to pipeline
         blocks = autotune.block_sizes_for(implementation, role, config, problem)
-        assert isinstance(blocks, BLOCK_SIZES[implementation])
-        assert tuning.launch_config(implementation, blocks, role) == config
+        assert isinstance(blocks, tuning.BlockSizes) and blocks.for_role(role) == config
     if channels == 256:
         assert len(candidates) == 8  # enough of a pool for the official shapes
 
@@ -492,11 +483,9 @@ def test_table_entries_reach_the_pallas_kernels_and_results_match_xla(monkeypatc
         "ddf_bwd_dx": ((-(-pixels // 32), -(-c // 2), n), 8),
         "ddf_bwd_filters": ((-(-pixels // 16), 1, n), 1),
     }
-    default = pallas_triton.BlockSizes.get_default(c, k * k)
-    assert (default.block_pixels, default.filters_block_pixels) == (
-        256,
-        128,
-    )  # one tile: the table changed it
+    default = pallas_defaults(c, k * k)
+    # One tile each: the table changed them.
+    assert (default.forward.block_pixels, default.filters.block_pixels) == (256, 128)
 
     compiled = jax.jit(forward_and_grads("pallas_triton")).lower(x, cf, sf, g).compile(FAST_COMPILE)
     out, grads = compiled(x, cf, sf, g)
@@ -526,7 +515,7 @@ def test_autotune_run_picks_the_fastest_correct_candidate_and_writes_it(monkeypa
 
     def fake_role_function(implementation, role, problem, block_sizes):
         assert (implementation, role) == ("pallas_triton", "forward")
-        config = tuning.launch_config(implementation, block_sizes, role)
+        config = block_sizes.for_role(role)
         jitted = jax.jit(
             lambda x, cf, sf, g: pallas_triton.forward(
                 x, cf, sf, problem.config, interpret=True, block_sizes=block_sizes
