@@ -32,7 +32,22 @@ def _check_float(array, name: str) -> None:
 
 
 def make_config(kernel_size, stride=1, dilation=1, combine="mul") -> DDFConfig:
-    """Validates the static arguments of `ddf` and returns the `DDFConfig`."""
+    """Validates the static arguments of `ddf` and returns the `DDFConfig`.
+
+    Args:
+        kernel_size: odd int >= 1.
+        stride: int >= 1.
+        dilation: int >= 1.
+        combine: "mul" or "add".
+
+    Returns:
+        The hashable `DDFConfig` that every implementation receives.
+
+    Raises:
+        TypeError: a non-integer size (bools included).
+        ValueError: an even or non-positive kernel_size, stride or dilation
+            below 1, or an unknown combine.
+    """
     kernel_size = check_odd(kernel_size, "kernel_size")
     stride = check_int(stride, "stride")
     dilation = check_int(dilation, "dilation")
