@@ -24,6 +24,7 @@ import ddf_jax
 import ddf_jax.linen
 import ddf_jax.nn
 import ddf_jax.utils
+from ddf_jax.kernels import DDFConfig, get_op
 from ddf_jax.nn import DDF, ChannelBranch, DDFUp, FilterNorm, SpatialBranch, standardize_filters
 from tests.reference import ddf_reference
 
@@ -421,7 +422,7 @@ def test_jit_grad_and_split_merge():
 
     graphdef, state = nnx.split(layer)
     restored = nnx.merge(graphdef, state)
-    assert restored.ddf_op is ddf_jax.ddf and restored.stride == 2 and restored.heads == 3
+    assert restored.implementation is None and restored.stride == 2 and restored.heads == 3
     functional = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
     chex.assert_trees_all_close(functional, eager, rtol=1e-5, atol=1e-6)
 
@@ -504,42 +505,35 @@ def test_bfloat16_compute_with_float32_params():
 
 
 # ---------------------------------------------------------------------------
-# The injected op.
+# An op as the implementation.
 
 
-def test_injected_op_is_called_with_the_configuration():
+def test_an_op_as_implementation_is_called_with_the_configuration():
     calls = []
 
-    def spy(x, channel_filter, spatial_filter, **kwargs):
-        calls.append((x.shape, channel_filter.shape, spatial_filter.shape, kwargs))
+    def spy(x, channel_filter, spatial_filter, config):
+        calls.append((x.shape, channel_filter.shape, spatial_filter.shape, config))
         return jnp.full((x.shape[0], 3, 2, x.shape[3]), 7.0)
 
-    layer = _random_module(
-        DDF, 4, 5, stride=2, dilation=2, heads=2, combine="add", se_ratio=0.5, implementation="custom", ddf_op=spy
-    )
+    layer = _random_module(DDF, 4, 5, stride=2, dilation=2, heads=2, combine="add", se_ratio=0.5, implementation=spy)
+    assert layer.implementation is spy
     out = _call(layer, _normal(0, (2, 6, 4, 4)))  # the spy records while jit traces
     np.testing.assert_array_equal(np.asarray(out), 7.0)
-    assert calls == [
-        (
-            (2, 6, 4, 4),
-            (2, 4, 25),
-            (2, 3, 2, 2, 25),
-            dict(kernel_size=5, stride=2, dilation=2, combine="add", implementation="custom"),
-        )
-    ]
+    assert calls == [((2, 6, 4, 4), (2, 4, 25), (2, 3, 2, 2, 25), DDFConfig(5, 2, 2, "add"))]
 
     recorded = []
+    xla = get_op("xla", jax.default_backend())
 
-    def passthrough(*args, **kwargs):
-        recorded.append(kwargs["implementation"])
-        return ddf_jax.ddf(*args, **kwargs)
+    def passthrough(*args):
+        recorded.append(args[3])
+        return xla(*args)
 
-    up = _random_module(DDFUp, 6, 2, se_ratio=0.5, implementation="xla", ddf_op=passthrough)
+    up = _random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5, implementation=passthrough)
     x = _normal(1, (2, 5, 4, 6))
     graphdef, state = nnx.split(up)
-    default_op = nnx.merge(nnx.graphdef(_random_module(DDFUp, 6, 2, se_ratio=0.5, implementation="xla")), state)
-    chex.assert_trees_all_close(_call(up, x), _call(default_op, x), rtol=0, atol=0)
-    assert recorded == ["xla"] * 4
+    by_name = nnx.merge(nnx.graphdef(_random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5)), state)
+    chex.assert_trees_all_close(_call(up, x), _call(by_name, x), rtol=0, atol=0)
+    assert recorded == [DDFConfig(3, 1, 2, "mul")] * 4
 
 
 # ---------------------------------------------------------------------------
@@ -560,7 +554,9 @@ def test_injected_op_is_called_with_the_configuration():
         (lambda r: DDF(8, stride=0, rngs=r), ValueError, "stride must be >= 1"),
         (lambda r: DDF(8, dilation=0, rngs=r), ValueError, "dilation"),
         (lambda r: DDF(8, combine="sum", rngs=r), ValueError, "combine"),
-        (lambda r: DDF(8, implementation="cuda", rngs=r), ValueError, "implementation"),
+        (lambda r: DDF(8, implementation="cuda", rngs=r), ValueError, "implementation must be one of .* 'cuda'"),
+        (lambda r: DDF(8, implementation=3, rngs=r), TypeError, "implementation must be one of .* type int"),
+        (lambda r: DDFUp(8, implementation="XLA", rngs=r), ValueError, "implementation must be one of .* 'XLA'"),
         (lambda r: DDF(0, rngs=r), ValueError, "in_features"),
         (lambda r: DDFUp(8, scale=0, rngs=r), ValueError, "scale must be >= 1"),
         (lambda r: DDFUp(8, dw_kernel_size=1, rngs=r), ValueError, "dw_kernel_size must be >= 3"),
