@@ -445,12 +445,21 @@ def test_ddf_float64_gradients():
         check_grads(apply, (state, x), order=1, modes=("rev",), eps=1e-5)
 
 
-def test_ddf_up_grad():
-    layer = _random_module(DDFUp, 6, 2, heads=2, guide_features=2, se_ratio=1.0)
-    x, guide = _normal(1, (2, 4, 3, 6)), _normal(2, (2, 4, 3, 2))
-    for path, leaf in nnx.to_flat_state(_param_grads(layer, x, guide)):
-        value = np.asarray(leaf[...])
-        assert np.isfinite(value).all() and np.abs(value).max() > 0, path
+@pytest.mark.parametrize("guide_features", [None, 2], ids=["plain", "guided"])
+def test_ddf_up_float64_gradients(guide_features):
+    """check_grads through the parameters (inputs fixed) and through x and the guide (parameters fixed)."""
+    with jax.enable_x64(True):
+        layer = _random_module(
+            DDFUp, 4, 2, heads=2, guide_features=guide_features, se_ratio=0.5, param_dtype=jnp.float64
+        )
+        graphdef, state = nnx.split(layer)
+        inputs = (_normal(1, (1, 3, 4, 4), jnp.float64),)
+        if guide_features is not None:
+            inputs += (_normal(2, (1, 3, 4, guide_features), jnp.float64),)
+        apply = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))
+        assert len(nnx.to_flat_state(state)) == 4 * (9 if guide_features is None else 7)
+        check_grads(lambda state: apply(state, *inputs), (state,), order=1, modes=("rev",), eps=1e-5)
+        check_grads(lambda *inputs: apply(state, *inputs), inputs, order=1, modes=("rev",), eps=1e-5)
 
 
 def test_data_parallel_pmap_and_sharded_jit():
