@@ -1,4 +1,4 @@
-"""Tests of the NNX layers (ddf_jax.nn), their Linen wrappers and count_params.
+"""Tests of the NNX layers (ddf_jax.nn), their Linen versions and count_params.
 
 The module-level reference below is an independent float64 NumPy forward of the
 official modules (FilterNorm with the official formula, 1x1 / depthwise convs,
@@ -6,7 +6,9 @@ the channel MLP, and the loop reference of the op from tests/reference.py),
 fed with the parameters read from the NNX modules.
 """
 
+import dataclasses
 import doctest
+import inspect
 import math
 
 import chex
@@ -604,7 +606,7 @@ def test_call_errors():
 
 
 # ---------------------------------------------------------------------------
-# Linen wrappers and count_params.
+# Linen layers and count_params.
 
 
 # Linen init draws one key per parameter; the "unsafe_rbg" PRNG compiles much
@@ -613,47 +615,101 @@ def _linen_key(seed):
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
-def test_linen_wrappers_match_nnx():
+@pytest.mark.parametrize("linen_cls, nnx_cls", [(ddf_jax.linen.DDF, DDF), (ddf_jax.linen.DDFUp, DDFUp)])
+def test_linen_fields_are_the_nnx_arguments_in_order(linen_cls, nnx_cls):
+    fields = [f for f in dataclasses.fields(linen_cls) if f.name not in ("parent", "name")]
+    arguments = [p for p in inspect.signature(nnx_cls.__init__).parameters.values() if p.name not in ("self", "rngs")]
+    assert [f.name for f in fields] == [p.name for p in arguments]
+    for field, argument in zip(fields, arguments):
+        expected = dataclasses.MISSING if argument.default is inspect.Parameter.empty else argument.default
+        assert field.default is expected or field.default == expected, field.name
+
+
+def _linen_params(nnx_module):
+    return {"params": nnx.to_pure_dict(nnx.state(nnx_module, nnx.Param))}
+
+
+@pytest.mark.parametrize("guide_features", [None, 3])
+def test_linen_layers_give_the_nnx_outputs_and_gradients(guide_features):
+    """The same (random, non-zero) parameters give the NNX layer's outputs and gradients; positional == keyword."""
     x = _normal(1, (2, 7, 5, 6))
-    layer = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)
-    variables = jax.jit(layer.init)(_linen_key(0), x)
-    module = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
-    nnx.update(module, variables["params"])
-    chex.assert_trees_all_close(jax.jit(layer.apply)(variables, x), _call(module, x), rtol=1e-6, atol=1e-6)
+    if guide_features is None:
+        positional = ddf_jax.linen.DDF(6, 3, 2, 1, 2, 0.5)
+        keyword = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)
+        module = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
+        inputs = (x,)
+    else:
+        positional = ddf_jax.linen.DDFUp(6, 2, 3, 1, 2, 0.5, "mul", "linear", 3, guide_features)
+        keyword = ddf_jax.linen.DDFUp(in_features=6, heads=2, se_ratio=0.5, guide_features=guide_features)
+        module = _random_module(DDFUp, 6, heads=2, se_ratio=0.5, guide_features=guide_features)
+        inputs = (x, _normal(2, (2, 7, 5, guide_features)))
+    assert positional == keyword
 
-    guide = _normal(2, (2, 7, 5, 3))
-    up = ddf_jax.linen.DDFUp(in_features=6, scale=2, guide_features=3, se_ratio=0.5)
-    up_variables = jax.jit(up.init)(_linen_key(1), x, guide)
-    up_module = _random_module(DDFUp, 6, 2, guide_features=3, se_ratio=0.5)
-    nnx.update(up_module, up_variables["params"])
-    chex.assert_trees_all_close(
-        jax.jit(up.apply)(up_variables, x, guide), _call(up_module, x, guide), rtol=1e-6, atol=1e-6
-    )
+    # Linen's init makes the NNX layer's parameter tree, names and shapes.
+    variables = jax.jit(keyword.init)(_linen_key(0), *inputs)
+    params = _linen_params(module)
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, params)
+
+    # The NNX layer's parameters in Linen give its outputs and its gradients.
+    out = jax.jit(positional.apply)(params, *inputs)
+    chex.assert_trees_all_close(out, _call(module, *inputs), rtol=1e-6, atol=1e-6)
+    linen_grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(positional.apply(p, *inputs)))))(params)
+    nnx_grads = nnx.to_pure_dict(_param_grads(module, *inputs))
+    chex.assert_trees_all_close(linen_grads["params"], nnx_grads, rtol=1e-5, atol=1e-6)
 
 
-def test_linen_model_init_apply_and_grad():
+def test_linen_model_init_apply_jit_and_grad():
     class Model(linen.Module):
         @linen.compact
         def __call__(self, x):
-            y = linen.Conv(6, (3, 3))(x)
-            y = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)(y)
-            y = linen.relu(y)
-            return ddf_jax.linen.DDFUp(in_features=6, scale=2, se_ratio=0.5)(y)
+            y = linen.Conv(8, (3, 3))(x)
+            y = ddf_jax.linen.DDF(8)(y)
+            y = ddf_jax.linen.DDF(in_features=8, kernel_size=3, stride=2, heads=2, se_ratio=0.5)(linen.relu(y))
+            return ddf_jax.linen.DDFUp(8, 2)(y)
 
-    x = _normal(1, (2, 6, 4, 3))
+    x = _normal(1, (2, 6, 5, 3))
     model = Model()
     variables = jax.jit(model.init)(_linen_key(2), x)
+    params = variables["params"]
+    assert set(params) == {"Conv_0", "DDF_0", "DDF_1", "DDFUp_0"}
+    assert params["DDF_0"]["spatial_branch"]["conv"]["kernel"].shape == (1, 1, 8, 9)
+    assert params["DDFUp_0"]["spatial_branches"][3]["depthwise"]["kernel"].shape == (3, 3, 1, 8)
     expected_params = (
-        (3 * 3 * 3 * 6 + 6)
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(6, heads=2, se_ratio=0.5, rngs=nnx.Rngs(0))))
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDFUp(6, 2, se_ratio=0.5, rngs=nnx.Rngs(0))))
+        (3 * 3 * 3 * 8 + 8)
+        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(8, rngs=nnx.Rngs(0))))
+        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(8, heads=2, se_ratio=0.5, rngs=nnx.Rngs(0))))
+        + ddf_jax.count_params(nnx.eval_shape(lambda: DDFUp(8, 2, rngs=nnx.Rngs(0))))
     )
-    assert ddf_jax.count_params(variables["params"]) == expected_params
-    out = jax.jit(model.apply)(variables, x)
-    assert out.shape == (2, 6, 4, 6) and np.isfinite(np.asarray(out)).all()
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))))(variables["params"])
-    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.isfinite(np.asarray(leaf)).all() and np.abs(np.asarray(leaf)).max() > 0, path
+    assert ddf_jax.count_params(params) == expected_params
+
+    def loss(params, x):
+        out = model.apply({"params": params}, x)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, out), (grads, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    assert out.shape == (2, 6, 6, 8) and np.isfinite(np.asarray(out)).all()
+    assert np.isfinite(np.asarray(dx)).all() and np.abs(np.asarray(dx)).max() > 0
+    # Every gradient is finite and every layer gets one. (With 8 channels and se_ratio=0.2
+    # a channel MLP has one hidden ReLU unit; if it is inactive for the whole batch, that
+    # branch pair rightly gets a zero gradient. The test above compares every gradient
+    # with the NNX layer's.)
+    for name, layer_grads in grads.items():
+        leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(layer_grads)]
+        assert all(np.isfinite(leaf).all() for leaf in leaves), name
+        assert max(np.abs(leaf).max() for leaf in leaves) > 0, name
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (ddf_jax.linen.DDF(8, 4), "kernel_size must be odd"),
+        (ddf_jax.linen.DDF(8, implementation="cuda"), "implementation must be one of"),
+        (ddf_jax.linen.DDFUp(8, 0), "scale must be >= 1"),
+    ],
+)
+def test_linen_errors_name_the_field(layer, match):
+    with pytest.raises(ValueError, match=match):
+        layer.init(_linen_key(0), jnp.ones((1, 4, 4, 8)))
 
 
 def test_count_params_counts_only_params():
