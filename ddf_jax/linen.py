@@ -27,7 +27,7 @@ Example:
     ...         return ddf_jax.linen.DDFUp(8, 2)(x)
     >>> x = jnp.ones((2, 6, 5, 4))
     >>> variables = Block().init(jax.random.key(0), x)
-    >>> jax.jit(Block().apply)(variables, x).shape
+    >>> Block().apply(variables, x).shape
     (2, 6, 6, 8)
     >>> variables["params"]["DDF_0"]["spatial_branch"]["conv"]["kernel"].shape
     (1, 1, 8, 9)
