@@ -77,7 +77,7 @@ def measure(name, batch, size, dtype, steps, runs, implementation=None, modes=("
     model = models.create_model(name, num_classes=1000, rngs=nnx.Rngs(0), **overrides)
     result = {
         "model": name,
-        "implementation": implementation if name.startswith("ddf_") else None,
+        "implementation": (implementation or ddf_jax.default_implementation()) if name.startswith("ddf_") else None,
         "params": ddf_jax.count_params(model),
         "train_s": None, "train_img_s": None, "infer_s": None, "infer_img_s": None,
     }
@@ -142,7 +142,7 @@ def table(rows: list[dict], baseline: str) -> str:
             lines.append(f"| {r['model']} | {r.get('implementation') or '-'} | - | {r['status']}: {r['error']} | | | | | |")
             continue
         ms = lambda s: f"{s * 1e3:.1f}" if s else "-"  # noqa: E731
-        ips = lambda v: f"{v:.0f}" if v else "-"  # noqa: E731
+        ips = lambda v: (f"{v:.0f}" if v >= 100 else f"{v:.3g}") if v else "-"  # noqa: E731
         lines.append(
             f"| {r['model']} | {r.get('implementation') or '-'} | {r['params']:,} | {ms(r['train_s'])} "
             f"| {ips(r['train_img_s'])} | {_ratio(r['train_img_s'], base.get('train_img_s'))} | {ms(r['infer_s'])} "

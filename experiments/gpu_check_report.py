@@ -368,7 +368,10 @@ def summary(work: str, out: str, dry_run: bool, budget: str, total: str) -> str:
         lines.append(f"stage {s['name']}: {s['status']} (exit {s['exit']}, {s['seconds']} s of {s['limit']} s)")
     if smoke:
         for r in smoke.get("rows", []):
-            detail = f"worst error {r['worst_error']:.2e} vs {r['against']}" if "worst_error" in r else r.get("message", "")
+            detail = r.get("message", "")
+            if "worst_error" in r:
+                detail = (f"worst error {r['worst_error']:.2e} vs {r['against']}; fwd {r['fwd_ms']:.4g} ms looped, "
+                          f"{r['fwd_ms_dispatched']:.4g} ms dispatched; fwd+bwd {r['fwd_bwd_ms']:.4g} ms")
             lines.append(f"smoke {r['implementation']}: {r['status']} ({detail})")
     lines.append("model_implementations: " + ",".join(
         sorted({str(r.get("implementation")) for r in model_rows if r["model"].startswith("ddf_")})))

@@ -185,3 +185,13 @@ def test_torch_peer_train_step_runs_and_updates_the_model():
     seconds = benchmark_timm.measure_train(model, batch=2, size=8, steps=2, runs=2, device="cpu", num_classes=10)
     assert seconds > 0
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_a_gpu_row_faster_than_the_copy_is_flagged():
+    shape = (1, 4, 4, 2, 3, 1)
+    fast = benchmark_op.Row(shape, "xla", "fwd", 1e-6, 10**6, 1, 0.0, copy_bandwidth=5e11, backend="gpu")
+    assert fast.as_dict()["copy_fraction"] == pytest.approx(2.0) and fast.as_dict()["suspect"]
+    slow = benchmark_op.Row(shape, "xla", "fwd", 1e-5, 10**6, 1, 0.0, copy_bandwidth=5e11, backend="gpu")
+    assert not slow.as_dict()["suspect"]
+    # On the CPU the copy reference is one XLA loop, not a bound.
+    assert not benchmark_op.Row(shape, "xla", "fwd", 1e-6, 10**6, 1, 0.0, 5e11, backend="cpu").as_dict()["suspect"]
