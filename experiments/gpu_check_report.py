@@ -84,9 +84,13 @@ def carried_packages(site: str) -> dict:
         top = (dist.read_text("top_level.txt") or dist.metadata["Name"].replace("-", "_")).split()
         results = []
         for module in top:
-            done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]
-            results.append(f"import {module}: " + ("ok" if done.returncode == 0 else f"fails ({last})"))
+            try:
+                done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                                      timeout=60)
+                last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                results.append(f"import {module}: " + ("ok" if done.returncode == 0 else f"fails ({last})"))
+            except subprocess.TimeoutExpired:
+                results.append(f"import {module}: took over 60 s")
         carried[f"{dist.metadata['Name']} {dist.version}"] = "; ".join(results)
     return carried
 
