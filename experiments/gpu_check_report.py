@@ -87,7 +87,8 @@ def carried_packages(site: str) -> dict:
             try:
                 done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
                                       timeout=60)
-                last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                lines = done.stderr.strip().splitlines() or ["?"]
+                last = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), lines[-1])
                 results.append(f"import {module}: " + ("ok" if done.returncode == 0 else f"fails ({last})"))
             except subprocess.TimeoutExpired:
                 results.append(f"import {module}: took over 60 s")
