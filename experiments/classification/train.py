@@ -155,8 +155,8 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
 
     info = dataset.info
     num_devices = mesh.devices.size
-    local_batch = sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
-    local_eval_batch = sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -190,7 +190,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
 
     loader = input_pipeline.train_loader(
         dataset,
-        batch_size=local_batch,
+        batch_size=config.batch_size,
         seed=config.seed,
         worker_count=config.worker_count,
         worker_buffer_size=config.worker_buffer_size,
@@ -209,7 +209,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
 
     def evaluate(step: int) -> dict[str, float]:
         batches = input_pipeline.eval_batches(
-            dataset, batch_size=local_eval_batch, worker_count=config.worker_count,
+            dataset, batch_size=config.eval_batch_size, worker_count=config.worker_count,
             read_threads=config.read_threads,
         )
         totals = loop_lib.sum_eval_metrics(trainer, batches, shard)

@@ -31,19 +31,14 @@ from typing import Any, Iterable, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from experiments.common import sharding
+from experiments.common.errors import ConfigMismatchError, RunFinishedError
+
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
 CHECKPOINT_DIR = "checkpoints"
 # Files and directories a run creates; `overwrite=True` deletes exactly these.
 RUN_ARTIFACTS = (CONFIG_FILE, RESULT_FILE, CHECKPOINT_DIR, "metrics.jsonl", "tensorboard")
-
-
-class RunFinishedError(RuntimeError):
-    """Raised when a finished run would be overwritten without `overwrite=True`."""
-
-
-class ConfigMismatchError(ValueError):
-    """Raised when resuming a run with a config that differs from the stored one."""
 
 
 class Checkpointer:
@@ -265,6 +260,7 @@ def prepare_run_dir(
                 elif os.path.exists(path):
                     os.remove(path)
         logging.info("overwrite: removed previous run files in %s", run_dir)
+        sharding.barrier("prepare_run_dir: overwrite")  # Nobody reads what is being deleted.
     config_path = os.path.join(run_dir, CONFIG_FILE)
     stored_config = None
     if os.path.exists(config_path):
@@ -294,6 +290,7 @@ def prepare_run_dir(
         )
     if result is not None:
         return result
+    sharding.barrier("prepare_run_dir: read")  # Everyone has read before process 0 writes.
     if is_main:
         _write_json_atomic(config_path, _normalise(config))
     return None
@@ -308,3 +305,4 @@ def mark_finished(run_dir: str, result: Mapping[str, Any]) -> None:
     """Writes `result.json`, which marks the run in `run_dir` as finished (process 0)."""
     if jax.process_index() == 0:
         _write_json_atomic(os.path.join(run_dir, RESULT_FILE), dict(result))
+    sharding.barrier("mark_finished")

@@ -486,6 +486,7 @@ def synthetic_batches(
     start_step: int = 0,
     num_steps: Optional[int] = None,
     pool_size: int = 0,
+    rows: Optional[slice] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic training batches from a random-access source of full frames.
 
@@ -507,6 +508,8 @@ def synthetic_batches(
       start_step: the first batch index.
       num_steps: stop after this many batches (None: never stop).
       pool_size: see above; 0 for fresh examples throughout.
+      rows: the rows of each batch to make (default: all), e.g. this process's
+        `experiments.common.sharding.process_slice(batch_size)`.
 
     Yields:
       Batches from `stack_examples(make_example(...))`: 'guide' (B, H, W, 3)
@@ -517,10 +520,11 @@ def synthetic_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pool_size < 0:
         raise ValueError(f"pool_size must be >= 0, got {pool_size}")
+    first, last, _ = (rows or slice(0, batch_size)).indices(batch_size)
     step = start_step
     while num_steps is None or step < start_step + num_steps:
         examples = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
+        for position in range(step * batch_size + first, step * batch_size + last):
             if pool_size:
                 example = source[position % pool_size]
                 transform = (position // pool_size) % 8
@@ -734,11 +738,12 @@ def random_crops(
     start_step: int = 0,
     num_steps: Optional[int] = None,
     min_valid_fraction: float = 0.5,
+    rows: Optional[slice] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic batches of random crops from a source of full frames (e.g. NYU).
 
-    Batch `k` depends only on `(seed, k)`; crops are flipped horizontally at
-    random. Frames are indexed modulo `len(source)`.
+    Crop `i` of batch `k` depends only on `(seed, k, i)`; crops are flipped
+    horizontally at random. Frames are indexed modulo `len(source)`.
 
     Args:
       source: random-access examples {'image' (H, W, 3) uint8, 'disparity' (H, W)}.
@@ -750,6 +755,7 @@ def random_crops(
       num_steps: number of batches (None: endless).
       min_valid_fraction: crops with fewer valid ground-truth pixels are
         redrawn.
+      rows: the rows of each batch to make (default: all); see `synthetic_batches`.
 
     Yields:
       Batches as in `synthetic_batches`.
@@ -758,11 +764,12 @@ def random_crops(
         raise ValueError(f"crop_size must be a multiple of scale={scale}, got {crop_size}")
     if len(source) == 0:
         raise ValueError("source is empty")
+    first, last, _ = (rows or slice(0, batch_size)).indices(batch_size)
     step = start_step
     while num_steps is None or step < start_step + num_steps:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, step]))
         examples = []
-        for _ in range(batch_size):
+        for row in range(first, last):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, step, row]))
             for _attempt in range(100):
                 ex = source[int(rng.integers(len(source)))]
                 h, w = ex["disparity"].shape

@@ -59,6 +59,7 @@ RUN_CONTROL_KEYS = (
     "keep_checkpoints",
     "progress_bar",
     "stop_after_steps",
+    "distributed",
 )
 # Config keys that do not concern a (model, scale) training run at all.
 _NOT_RUN_KEYS = (
@@ -205,7 +206,8 @@ class TrainData:
     """Training-batch factory shared by the runs of one `train_and_evaluate` call.
 
     `batches(scale, start_step)` returns the deterministic batch iterator of a
-    run from `start_step` on; synthetic crops are generated once per crop size
+    run from `start_step` on (this process's rows of every global batch; see
+    `sharding.process_slice`); synthetic crops are generated once per crop size
     and shared by all runs (`input_pipeline.CachedSource`).
     """
 
@@ -236,6 +238,7 @@ class TrainData:
                 entry.batch_size,
                 seed=self.config.seed,
                 start_step=start_step,
+                rows=sharding.process_slice(entry.batch_size),
             )
         return input_pipeline.synthetic_batches(
             self.source(entry.crop_size),
@@ -243,6 +246,7 @@ class TrainData:
             entry.batch_size,
             start_step=start_step,
             pool_size=self.config.synthetic.pool_size,
+            rows=sharding.process_slice(entry.batch_size),
         )
 
 
@@ -339,11 +343,12 @@ def train_model(
                 f"{run_dir}: result.json reports {stored.get('steps')} steps but the newest checkpoint "
                 f"is step {start_step}"
             )
-        print(
-            f"{model_name} x{scale}: finished run found in {run_dir}; reloaded "
-            "(pass --overwrite to train again)",
-            flush=True,
-        )
+        if jax.process_index() == 0:
+            print(
+                f"{model_name} x{scale}: finished run found in {run_dir}; reloaded "
+                "(pass --overwrite to train again)",
+                flush=True,
+            )
         return RunOutput(stored, trainer.model())
 
     validation = _validation_batches(config, scale, entry)
@@ -405,7 +410,9 @@ def train_model(
 
 
 def _validation_batches(config, scale: int, entry) -> list[dict[str, np.ndarray]]:
-    """The fixed synthetic validation set (another seed), in batches of the run's size.
+    """This process's rows of the fixed synthetic validation set (another seed), in batches.
+
+    The global batches have the run's batch size.
 
     Raises:
       ValueError: `config.validation_examples` is neither 0 nor at least the batch size.
@@ -418,8 +425,13 @@ def _validation_batches(config, scale: int, entry) -> list[dict[str, np.ndarray]
             f"config.validation_examples must be 0 or >= the batch size {size}, got {count}"
         )
     source = synthetic_source(config, entry.crop_size, VALIDATION_SEED_OFFSET)
-    examples = [input_pipeline.make_example(**source[i], scale=scale) for i in range(count - count % size)]
-    return [input_pipeline.stack_examples(examples[i : i + size]) for i in range(0, len(examples), size)]
+    rows = sharding.process_slice(size)  # This process's rows of each global batch.
+    batches = []
+    for start in range(0, count - count % size, size):
+        examples = [input_pipeline.make_example(**source[start + i], scale=scale)
+                    for i in range(rows.start, rows.stop)]
+        batches.append(input_pipeline.stack_examples(examples))
+    return batches
 
 
 # --------------------------------------------------------------------------
@@ -461,8 +473,13 @@ def tune_guided_filter(config: ml_collections.ConfigDict, scales: Sequence[int])
 
 
 def predict(model: nnx.Module, example: dict[str, np.ndarray]) -> np.ndarray:
-    """The network's (H, W) prediction for one `make_example` dict."""
+    """The network's (H, W) prediction for one `make_example` dict.
+
+    Runs on this process's default device, with a host copy of the (replicated)
+    parameters, so every process can evaluate on its own.
+    """
     graphdef, state = nnx.split(model)
+    state = jax.device_get(state)
 
     @jax.jit
     def forward(state, guide, low_res):
