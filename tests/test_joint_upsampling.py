@@ -444,7 +444,7 @@ def test_train_model_resumes_exactly(tmp_path):
     # A finished run is reloaded, not retrained, and a changed config is refused.
     again = train.train_model(config, "plain_net", 2, str(tmp_path / "resumed"), data, mesh)
     chex.assert_trees_all_equal(_params(again.model), _params(second.model))
-    from experiments.common.checkpoint import RunFinishedError
+    from experiments.common.errors import RunFinishedError
 
     with pytest.raises(RunFinishedError):
         train.train_model(_tiny_config(learning_rate=1e-4), "plain_net", 2, str(tmp_path / "resumed"), data,

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import run_dir as run_dir_lib
 from experiments.common.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +205,7 @@ def test_classification_two_processes_equal_one_process_and_resume_exactly(tmp_p
 
     launch(two_process_commands("classification", killed, config_file),
            log_dir=str(tmp_path / "logs_killed"), until=committed_step_2)
-    assert checkpoint_lib.read_result(run_dir) is None, "the run finished before it was killed"
+    assert run_dir_lib.read_result(run_dir) is None, "the run finished before it was killed"
     steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
     assert steps and steps[-1] < 6
     assert_succeeded(launch(two_process_commands("classification", killed, config_file),

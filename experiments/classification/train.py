@@ -29,6 +29,7 @@ import ddf_jax
 from ddf_jax import models as model_zoo
 from experiments.classification import input_pipeline
 from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
 from experiments.common import optim, plotting, sharding
 from experiments.common.metrics import MetricsWriter
@@ -140,7 +141,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         "finished"}`; top-1/top-5 are fractions; `finished` is False when the run
         stopped early (`config.stop_after_steps`).
     """
-    stored = checkpoint_lib.prepare_run_dir(
+    stored = run_dir_lib.prepare_run_dir(
         run_dir,
         _run_config(config, model_name),
         overwrite=config.overwrite,
@@ -263,7 +264,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         "finished": result.finished,
     }
     if result.finished:
-        checkpoint_lib.mark_finished(run_dir, row)
+        run_dir_lib.mark_finished(run_dir, row)
     return row
 
 

@@ -50,25 +50,39 @@ class LoopResult:
 
 
 def restore_or_initialize(
-    trainer: Trainer, checkpointer: Checkpointer, data_iterator: Any = None
+    trainer: Trainer,
+    checkpointer: Checkpointer,
+    data_iterator: Any = None,
+    *,
+    allow_data_change: bool = False,
 ) -> tuple[int, dict[str, Any]]:
-    """Restores the newest checkpoint into `trainer` and `data_iterator`, if there is one.
+    """Restores the newest intact checkpoint into `trainer` and `data_iterator`, if any.
+
+    Damaged checkpoints are skipped with a warning (`Checkpointer.restore_latest_intact`).
 
     Args:
         trainer: A freshly built `Trainer`; its state is replaced on restore.
         checkpointer: Where to look.
         data_iterator: Training grain iterator; its position is restored in place.
+        allow_data_change: Continue with the current data even if it differs from the
+            checkpoint's (a new sampler at the same position; not bit-exact).
 
     Returns:
         `(step, meta)`: the restored step (0 when starting fresh) and the checkpoint's
-        metadata dict ({} when starting fresh).
+        metadata dict ({} when starting fresh); pass `meta` to `train_loop`.
+
+    Raises:
+        CheckpointDamagedError: Checkpoints exist but none is intact.
+        DataChangedError: The training data changed (and it is not allowed).
     """
-    step = checkpointer.latest_step()
-    if step is None:
-        return 0, {}
-    tree, meta = checkpointer.restore(
-        trainer.abstract_checkpoint_tree(), step=step, data_iterator=data_iterator
+    restored = checkpointer.restore_latest_intact(
+        trainer.abstract_checkpoint_tree(),
+        data_iterator=data_iterator,
+        allow_data_change=allow_data_change,
     )
+    if restored is None:
+        return 0, {}
+    step, tree, meta = restored
     trainer.load_checkpoint_tree(tree)
     if trainer.step != step:
         raise RuntimeError(

@@ -309,3 +309,13 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
     )
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True if `flag` is true on every process (collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+    return bool(np.all(np.asarray(gathered)))

@@ -43,6 +43,7 @@ from flax import nnx
 
 import ddf_jax
 from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
 from experiments.common import optim, sharding
 from experiments.common.metrics import MetricsWriter
@@ -271,10 +272,12 @@ class RunOutput:
         "train_seconds", "finished", "validation_rmse",
         "validation_bilinear_rmse"} (also the run's result.json).
       model: the trained module (eval mode).
+      reloaded: True if the run had finished before and was only reloaded.
     """
 
     row: dict[str, Any]
     model: nnx.Module
+    reloaded: bool = False
 
 
 def train_model(
@@ -288,7 +291,8 @@ def train_model(
     """Trains (or resumes, or reloads) one network at one scale in `run_dir`.
 
     A finished run with the same config is not retrained: its final checkpoint
-    is loaded and its stored row returned.
+    is loaded and its stored row returned. If that checkpoint is damaged, the
+    steps after the newest intact one are trained again.
 
     Args:
       config: the experiment config.
@@ -302,7 +306,7 @@ def train_model(
       A `RunOutput`.
     """
     entry = scale_config(config, scale)
-    stored = checkpoint_lib.prepare_run_dir(
+    stored = run_dir_lib.prepare_run_dir(
         run_dir,
         _run_config(config, model_name, scale),
         overwrite=config.overwrite,
@@ -336,20 +340,22 @@ def train_model(
         max_to_keep=config.keep_checkpoints,
     )
     start_step, meta = loop_lib.restore_or_initialize(trainer, checkpointer)
-    if stored is not None:
+    if stored is not None and start_step == stored.get("steps"):
         checkpointer.close()
-        if start_step != stored.get("steps"):
-            raise RuntimeError(
-                f"{run_dir}: result.json reports {stored.get('steps')} steps but the newest checkpoint "
-                f"is step {start_step}"
-            )
         if jax.process_index() == 0:
             print(
                 f"{model_name} x{scale}: finished run found in {run_dir}; reloaded "
                 "(pass --overwrite to train again)",
                 flush=True,
             )
-        return RunOutput(stored, trainer.model())
+        return RunOutput(stored, trainer.model(), reloaded=True)
+    if stored is not None:
+        # The final checkpoint was damaged and set aside: train the missing steps again
+        # from the newest intact one (the result is the same, bit for bit).
+        logging.warning(
+            "%s: result.json reports %s steps but the newest intact checkpoint is step %d; "
+            "training the remaining steps again", run_dir, stored.get("steps"), start_step,
+        )
 
     validation = _validation_batches(config, scale, entry)
 
@@ -405,7 +411,7 @@ def train_model(
         "validation_bilinear_rmse": last_eval.get("bilinear_rmse"),
     }
     if result.finished:
-        checkpoint_lib.mark_finished(run_dir, row)
+        run_dir_lib.mark_finished(run_dir, row)
     return RunOutput(row, trainer.model())
 
 

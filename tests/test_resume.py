@@ -1,0 +1,185 @@
+"""Checkpoints and data that cannot silently corrupt a run (experiments/common).
+
+Damaged checkpoints are found by their integrity manifest and skipped with a warning;
+a resumed run logs the same records as an uninterrupted one; changed or unreadable
+data stop the run with an error that names the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.classification import input_pipeline, train
+from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import errors, integrity, optim, sharding
+from experiments.common import run_dir as run_dir_lib
+from experiments.common.metrics import MetricsWriter, read_metrics
+from experiments.common.train_state import Trainer
+from tests.test_classification import _write_image, final_state, tiny_config
+
+MODEL = "resnet20_cifar"
+TIMING_FIELDS = ("time", "steps_per_second", "examples_per_second")
+
+
+def records(run_dir):
+    """metrics.jsonl without the fields that measure time."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_metrics(run_dir)]
+
+
+def resume_config(**overrides):
+    # Checkpoints at 2, 4, 6; log records at 3 and 6: a resume at 4 starts mid-window.
+    return tiny_config(num_train_steps=6, checkpoint_every_steps=2, log_every_steps=3, **overrides)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run: its run directory, final state and log."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.train_and_evaluate(resume_config(), workdir)
+    run_dir = os.path.join(workdir, MODEL)
+    return run_dir, final_state(run_dir), records(run_dir)
+
+
+def interrupted(workdir, stop_after_steps=4):
+    """A run stopped (as if pre-empted) after `stop_after_steps` steps, with checkpoints."""
+    rows = train.train_and_evaluate(resume_config(stop_after_steps=stop_after_steps), workdir)
+    assert rows[0]["steps"] == stop_after_steps and not rows[0]["finished"]
+    return os.path.join(workdir, MODEL)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _invert_bytes(path, count=4096):
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        start = max(0, len(data) // 2 - count // 2)
+        for i in range(start, min(len(data), start + count)):
+            data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+def _data_files(directory):
+    """The array-data files (ocdbt `d/` chunks) below `directory`."""
+    return [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names
+            if os.path.basename(root) == "d"]
+
+
+def test_damaged_newest_checkpoint_falls_back_and_finishes_exactly(straight, tmp_path, caplog):
+    """12.1: inverted bytes in a data file of the newest checkpoint went unnoticed."""
+    run_dir = interrupted(str(tmp_path))
+    checkpoints = os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR)
+    assert sorted(n for n in os.listdir(checkpoints) if n.isdigit()) == ["2", "4"]
+    for path in _data_files(os.path.join(checkpoints, "4", "state")):
+        _invert_bytes(path)
+    with caplog.at_level(logging.WARNING):
+        rows = train.train_and_evaluate(resume_config(), str(tmp_path))
+    warning = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert warning and os.path.join(checkpoints, "4") in warning[0] and "checksum" in warning[0]
+    assert os.path.isdir(os.path.join(checkpoints, checkpoint_lib.DAMAGED_DIR, "4"))
+    assert rows[0]["finished"]
+    _, (step, state), straight_records = straight
+    chex.assert_trees_all_equal(final_state(run_dir)[1], state)
+
+
+def _loader_and_tree():
+    images = np.arange(12 * 2 * 2, dtype=np.uint8).reshape(12, 2, 2, 1)
+    dataset = input_pipeline.Dataset(
+        info=None, train_source=input_pipeline.ArraySource(images, np.arange(12)),
+        eval_source=None, train_transform=None, eval_transform=None,
+    )
+    loader = input_pipeline.train_loader(dataset, batch_size=3, seed=1)
+    return loader, lambda step: {"w": jnp.full((3,), float(step)), "step": jnp.int32(step)}
+
+
+def _save_two_steps(directory):
+    """Steps 1 and 2, each after one more batch, with data position and meta."""
+    loader, tree = _loader_and_tree()
+    iterator = iter(loader)
+    expected_next = {}
+    with checkpoint_lib.Checkpointer(directory) as ckpt:
+        for step in (1, 2):
+            next(iterator)
+            ckpt.save(step, tree(step), data_iterator=iterator, meta={"step": step})
+            expected_next[step] = next(iter_copy(loader, iterator))["label"]
+    return loader, tree, expected_next
+
+
+def iter_copy(loader, iterator):
+    copy = iter(loader)
+    copy.set_state(iterator.get_state())
+    return copy
+
+
+def _truncate(path, size=0):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+DAMAGE = {
+    "state files truncated": lambda d: [_truncate(os.path.join(r, n)) for r, _, ns in
+                                        os.walk(os.path.join(d, "state")) for n in ns],
+    "_METADATA deleted": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
+    "data json truncated": lambda d: _truncate(os.path.join(d, "data", "process_0-of-1.json"), 10),
+    "meta json truncated": lambda d: _truncate(os.path.join(d, "meta", "metadata"), 3),
+    "manifest missing": lambda d: os.remove(os.path.join(d, integrity.MANIFEST_FILE)),
+    "manifest truncated": lambda d: _truncate(os.path.join(d, integrity.MANIFEST_FILE), 20),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_step_is_named_and_skipped(tmp_path, caplog, damage):
+    """12.1: damaged metadata gave JSONDecodeError / pytree errors that name no file."""
+    directory = str(tmp_path)
+    loader, tree, expected_next = _save_two_steps(directory)
+    DAMAGE[damage](os.path.join(directory, "2"))
+    iterator = iter(loader)
+    with caplog.at_level(logging.WARNING), checkpoint_lib.Checkpointer(directory) as ckpt:
+        step, restored, meta = ckpt.restore_latest_intact(jax.eval_shape(lambda: tree(0)),
+                                                          data_iterator=iterator)
+    assert (step, meta) == (1, {"step": 1})
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(tree(1)))
+    np.testing.assert_array_equal(next(iterator)["label"], expected_next[1])
+    [warning] = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert os.path.join(directory, "2") in warning
+    assert os.listdir(os.path.join(directory, checkpoint_lib.DAMAGED_DIR)) == ["2"]
+
+
+def test_no_intact_checkpoint_is_an_error_that_says_what_to_do(tmp_path):
+    directory = str(tmp_path)
+    loader, tree, _ = _save_two_steps(directory)
+    DAMAGE["state files truncated"](os.path.join(directory, "2"))
+    DAMAGE["manifest missing"](os.path.join(directory, "1"))
+    with checkpoint_lib.Checkpointer(directory) as ckpt:
+        with pytest.raises(errors.CheckpointDamagedError) as info:
+            ckpt.restore_latest_intact(jax.eval_shape(lambda: tree(0)), data_iterator=iter(loader))
+    message = str(info.value)
+    assert message.startswith(f"no intact checkpoint in {directory}: step 2: file state/")
+    assert "step 1: it has no integrity.json" in message and "--overwrite" in message
+    assert len(message) < 700 and message.count("\n") == 0
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # Nothing moved: the user decides.
+
+
+def test_step_that_verifies_but_fails_to_restore_is_skipped(tmp_path, caplog):
+    directory = str(tmp_path)
+    loader, tree, _ = _save_two_steps(directory)
+    step_dir = os.path.join(directory, "2")
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+    integrity.write_manifest(step_dir)  # The manifest now agrees with the damage.
+    with caplog.at_level(logging.WARNING), checkpoint_lib.Checkpointer(directory) as ckpt:
+        step, _, _ = ckpt.restore_latest_intact(jax.eval_shape(lambda: tree(0)),
+                                                data_iterator=iter(loader))
+    assert step == 1
+    assert any("fails to restore" in r.getMessage() and step_dir in r.getMessage()
+               for r in caplog.records)
+
+
