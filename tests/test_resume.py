@@ -183,3 +183,58 @@ def test_step_that_verifies_but_fails_to_restore_is_skipped(tmp_path, caplog):
                for r in caplog.records)
 
 
+# ----------------------------------------------------------------------------- data
+
+
+def make_image_folder(root, train_count=3, val_count=2):
+    """root/{train,val}/{cat,dog}/ with small JPEG and PNG files."""
+    for split, count in (("train", train_count), ("val", val_count)):
+        for name, color in (("cat", 40), ("dog", 210)):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                ext = ".JPEG" if i % 2 == 0 else ".png"
+                _write_image(str(root / split / name / f"{i}{ext}"), (20 + 3 * i, 18), color)
+    return root
+
+
+def folder_config(data_dir, **overrides):
+    return tiny_config(dataset="imagenet", data_dir=str(data_dir), image_size=8, batch_size=2,
+                       eval_batch_size=2, read_threads=1, num_devices=2, **overrides)
+
+
+def test_bad_images_are_all_named_before_training(tmp_path):
+    """12.2: a corrupt evaluation image crashed the run after its first epoch."""
+    data = make_image_folder(tmp_path / "data")
+    (data / "val" / "dog" / "1.png").write_bytes(b"not an image")
+    good = data / "train" / "cat" / "0.JPEG"
+    (data / "train" / "cat" / "2.JPEG").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    workdir = tmp_path / "run"
+    with pytest.raises(errors.BadDataError) as info:
+        train.train_and_evaluate(folder_config(data, num_train_steps=2), str(workdir))
+    message = str(info.value)
+    assert message.startswith(f"2 of 10 image files under {data} cannot be read: ")
+    assert str(data / "val" / "dog" / "1.png") in message
+    assert str(data / "train" / "cat" / "2.JPEG") in message  # Truncated: found by decoding.
+    assert not os.path.exists(workdir / MODEL)  # Before any training.
+
+
+def test_failed_evaluation_keeps_the_checkpoint_and_is_rerun(tmp_path):
+    """12.2: the epoch's checkpoint is written before evaluating, and the rerun evaluates."""
+    data = make_image_folder(tmp_path / "data")
+    bad = data / "val" / "dog" / "1.png"
+    saved = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    config = folder_config(data, num_epochs=2, num_train_steps=-1, check_images=False,
+                           warmup_epochs=0.0)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Exception, match="1.png"):
+        train.train_and_evaluate(config, workdir)  # Evaluation after epoch 1 (step 3) fails.
+    run_dir = os.path.join(workdir, MODEL)
+    checkpoints = os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR)
+    assert [n for n in os.listdir(checkpoints) if n.isdigit()] == ["3"]
+    bad.write_bytes(saved)
+    rows = train.train_and_evaluate(config, workdir)
+    assert rows[0]["finished"] and rows[0]["steps"] == 6
+    assert [r["step"] for r in read_metrics(run_dir, split="eval")] == [3, 6]
+
+

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import os
 import pickle
@@ -43,6 +44,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import grain.python as grain
 import numpy as np
+
+from experiments.common.errors import BadDataError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -494,6 +497,48 @@ def _scan_split(split_dir: str, classes: Optional[Sequence[str]] = None):
     return files, labels, list(classes)
 
 
+def check_image_files(files: Sequence[str], num_threads: int = 4) -> list[tuple[str, str]]:
+    """Opens and decodes every file (PIL, reduced-size JPEG decoding where possible).
+
+    Args:
+        files: Image paths.
+        num_threads: Files checked in parallel.
+
+    Returns:
+        `(path, reason)` for every file that fails, in the order of `files`.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def check(path: str) -> Optional[str]:
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still every byte.
+                image.load()
+        except Exception as err:  # noqa: BLE001 -- PIL raises many types for bad files.
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        reasons = list(pool.map(check, files))
+    return [(path, reason) for path, reason in zip(files, reasons) if reason is not None]
+
+
+def _raise_for_bad_images(files: Sequence[str], data_dir: str, num_threads: int) -> None:
+    bad = check_image_files(files, num_threads)
+    if not bad:
+        return
+    for path, reason in bad:
+        logging.error("cannot read image %s (%s)", path, reason)
+    shown = ", ".join(path for path, _ in bad[:5])
+    more = f" and {len(bad) - 5} more (all listed in the log above)" if len(bad) > 5 else ""
+    raise BadDataError(
+        f"{len(bad)} of {len(files)} image files under {data_dir} cannot be read: {shown}{more}. "
+        "Replace or delete them (or set config.check_images=False to skip this check)."
+    )
+
+
 def load_image_folder(
     data_dir: str,
     image_size: int = 224,
@@ -503,6 +548,8 @@ def load_image_folder(
     crop_pct: float = 0.875,
     min_scale: float = 0.08,
     name: str = "imagenet",
+    check_images: bool = True,
+    num_threads: int = 4,
 ) -> Dataset:
     """An ImageNet-style folder dataset: `data_dir/<split>/<class>/<image>`.
 
@@ -517,6 +564,9 @@ def load_image_folder(
         crop_pct: Evaluation centre-crop fraction (resize to image_size / crop_pct).
         min_scale: Smallest RandomResizedCrop area fraction.
         name: Dataset name for `DatasetInfo`.
+        check_images: Decode every file of both splits first (`check_image_files`),
+            so that a bad file stops the run before training, not mid-epoch.
+        num_threads: Threads for the check.
 
     Returns:
         A `Dataset` with uint8 (image_size, image_size, 3) images.
@@ -525,6 +575,8 @@ def load_image_folder(
         FileNotFoundError: `data_dir` or a split directory is missing.
         ValueError: The layout is wrong (no class directories, empty classes,
             evaluation classes unknown to training).
+        BadDataError: `check_images` found files that cannot be read (all are
+            logged; the message names the first five).
     """
     if not data_dir:
         raise ValueError("data_dir must name the image folder root (config.data_dir), got ''")
@@ -534,6 +586,8 @@ def load_image_folder(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     train_files, train_labels, classes = _scan_split(os.path.join(data_dir, train_split))
     eval_files, eval_labels, _ = _scan_split(os.path.join(data_dir, eval_split), classes)
+    if check_images:
+        _raise_for_bad_images(train_files + eval_files, data_dir, num_threads)
     info = DatasetInfo(
         name=name,
         num_classes=len(classes),
@@ -562,7 +616,8 @@ def get_dataset(config) -> Dataset:
 
     Args:
         config: The experiment config; reads `dataset`, `data_dir`, `image_size`,
-            `digits_max_shift`, `crop_padding`, `crop_pct`, `min_scale`.
+            `digits_max_shift`, `crop_padding`, `crop_pct`, `min_scale`,
+            `check_images`, `read_threads`.
     """
     if config.dataset == "digits":
         return load_digits(config.image_size, max_shift=config.digits_max_shift)
@@ -572,7 +627,8 @@ def get_dataset(config) -> Dataset:
         return load_cifar10(config.data_dir, crop_padding=config.crop_padding)
     if config.dataset == "imagenet":
         return load_image_folder(
-            config.data_dir, config.image_size, crop_pct=config.crop_pct, min_scale=config.min_scale
+            config.data_dir, config.image_size, crop_pct=config.crop_pct, min_scale=config.min_scale,
+            check_images=config.check_images, num_threads=config.read_threads,
         )
     raise ValueError(f"dataset must be one of {DATASETS}, got {config.dataset!r}")
 

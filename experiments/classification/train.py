@@ -53,6 +53,7 @@ RUN_CONTROL_KEYS = (
     "distributed",
     "checkpoint_every_steps",
     "eval_every_epochs",
+    "check_images",
 )
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
@@ -234,7 +235,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
             num_steps=num_steps,
             shard_fn=shard,
             start_step=start_step,
-            previous_seconds=float(meta.get("train_seconds", 0.0)),
+            resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
             evaluate=evaluate,

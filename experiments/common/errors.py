@@ -27,6 +27,10 @@ class CheckpointDamagedError(ExperimentError, RuntimeError):
     """No checkpoint of a run is intact: every one failed verification or restore."""
 
 
+class BadDataError(ExperimentError, ValueError):
+    """Data files (named in the message) cannot be read."""
+
+
 class DataChangedError(ExperimentError, ValueError):
     """The training data differ from those the checkpoint's data position refers to."""
 

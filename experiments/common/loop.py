@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
+from experiments.common import sharding
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.metrics import MetricsWriter
 from experiments.common.progress import StepProgress
@@ -116,7 +117,7 @@ def sum_eval_metrics(
     return totals
 
 
-def _mean_metrics(window: list[Mapping[str, jax.Array]]) -> dict[str, float]:
+def _mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:
     host = jax.device_get(window)
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
@@ -128,7 +129,7 @@ def train_loop(
     num_steps: int,
     shard_fn: Callable[[Any], Any],
     start_step: int = 0,
-    previous_seconds: float = 0.0,
+    resume_meta: Optional[Mapping[str, Any]] = None,
     checkpointer: Optional[Checkpointer] = None,
     writer: Optional[MetricsWriter] = None,
     evaluate: Optional[Callable[[int], Mapping[str, Any]]] = None,
@@ -151,13 +152,15 @@ def train_loop(
         shard_fn: Host batch -> global sharded batch (`sharding.shard_batch` bound to
             the mesh).
         start_step: Step the trainer is at.
-        previous_seconds: Wall time already spent by earlier runs (from the
-            checkpoint metadata "train_seconds").
-        checkpointer: Saves every `checkpoint_every_steps` steps and at the end.
+        resume_meta: The checkpoint metadata from `restore_or_initialize` (the wall
+            time of earlier runs, "train_seconds").
+        checkpointer: Saves every `checkpoint_every_steps` steps and at the end,
+            before evaluating (an evaluation that fails does not lose the steps).
         writer: Receives train metrics (split "train") and evaluation results
             (split "eval").
         evaluate: `evaluate(step) -> dict of scalars`, run every `eval_every_steps`
-            and at the end.
+            and at the end. An evaluation due at `start_step` that the log lacks
+            (the run stopped during it) is run first.
         eval_every_steps: 0 evaluates only at the end.
         checkpoint_every_steps: 0 checkpoints only at the end (or when stopped).
         log_every_steps: Train metrics are averaged over this many steps.
@@ -182,6 +185,8 @@ def train_loop(
     for name, value in (("eval_every_steps", eval_every_steps), ("checkpoint_every_steps", checkpoint_every_steps)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0 (0: only at the end), got {value}")
+    resume_meta = dict(resume_meta or {})
+    previous_seconds = float(resume_meta.get("train_seconds", 0.0))
     start_time = time.perf_counter()
 
     def elapsed() -> float:
@@ -201,10 +206,27 @@ def train_loop(
             meta={"train_seconds": elapsed(), "step": step},
         )
 
+    def eval_due(step: int) -> bool:
+        return evaluate is not None and (
+            step == num_steps or bool(eval_every_steps and step % eval_every_steps == 0)
+        )
+
+    def run_evaluation(step: int) -> dict[str, Any]:
+        result = dict(evaluate(step))
+        if writer is not None:
+            writer.write(step, {**result, **epoch_fields(step)}, split="eval")
+        return result
+
     step = start_step
     last_eval = None
     window: list[Mapping[str, jax.Array]] = []
     window_start = time.perf_counter()
+    if start_step and eval_due(start_step) and writer is not None:
+        # The run stopped after checkpointing this step but before its evaluation
+        # reached the log: evaluate now (process 0 holds the log; all decide alike).
+        missed = not writer.has_record(start_step, "eval")
+        if bool(sharding.broadcast_from_main(missed)):
+            last_eval = run_evaluation(start_step)
     pending = None  # metrics of the step in flight; one step stays queued on device
     bar = StepProgress(
         num_steps,
@@ -239,29 +261,25 @@ def train_loop(
                 window = []
                 window_start = time.perf_counter()
 
-            eval_due = evaluate is not None and (
-                step == num_steps or (eval_every_steps and step % eval_every_steps == 0)
-            )
-            ckpt_due = step == num_steps or (
+            evaluating = eval_due(step)
+            ckpt_due = step == num_steps or bool(
                 checkpoint_every_steps and step % checkpoint_every_steps == 0
             )
-            if eval_due or ckpt_due:
+            if evaluating or ckpt_due:
                 jax.block_until_ready(pending)
                 bar.update(1, loss=float(pending["loss"]))
                 pending = None
                 pause_start = time.perf_counter()
-            if eval_due:
-                last_eval = dict(evaluate(step))
-                if writer is not None:
-                    writer.write(step, {**last_eval, **epoch_fields(step)}, split="eval")
+            if ckpt_due:
+                save(step)  # Before evaluating: a failing evaluation keeps the steps.
+            if evaluating:
+                last_eval = run_evaluation(step)
                 bar.write(
                     f"step {step}: "
                     + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()
                                 if isinstance(v, float))
                 )
-            if ckpt_due:
-                save(step)
-            if eval_due or ckpt_due:
+            if evaluating or ckpt_due:
                 # Keep evaluation and checkpointing out of the step-time figures.
                 bar.reset_timer()
                 window_start += time.perf_counter() - pause_start

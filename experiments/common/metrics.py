@@ -94,11 +94,13 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._file = None
         self._tb = None
+        self._kept: set[tuple[Any, Any]] = set()
         if not self.enabled:
             return
         os.makedirs(logdir, exist_ok=True)
         path = os.path.join(logdir, METRICS_FILE)
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+        self._kept = {(r.get("step"), r.get("split")) for r in kept}
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             for record in kept:
@@ -137,6 +139,13 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{split}/{name}", value, int(step))
             self._tb.flush()
         return record
+
+    def has_record(self, step: int, split: str) -> bool:
+        """Whether the log kept from before the resume has a record at `step` in `split`.
+
+        Always False when this writer is disabled (processes other than 0).
+        """
+        return (int(step), split) in self._kept
 
     def write_many(self, records: Iterable[tuple[int, Mapping[str, Any], str]]) -> None:
         """Writes `(step, scalars, split)` tuples in order."""

@@ -383,7 +383,7 @@ def train_model(
             num_steps=num_steps,
             shard_fn=lambda batch: sharding.shard_batch(batch, mesh),
             start_step=start_step,
-            previous_seconds=float(meta.get("train_seconds", 0.0)),
+            resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
             evaluate=evaluate if validation else None,

@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.worker_count = 0  # grain worker processes (0: load in the main process).
     config.worker_buffer_size = 2
     config.read_threads = 2
+    # Folder datasets: open every image file before training and name all that fail.
+    config.check_images = True
 
     # Optimisation. learning_rate is the peak rate for the global batch_size.
     config.batch_size = 64  # Global batch, over all devices and hosts.
