@@ -55,6 +55,22 @@ def interrupted(workdir, stop_after_steps=4):
     return os.path.join(workdir, MODEL)
 
 
+# ----------------------------------------------------------------------------- exact logs
+
+
+def test_resumed_run_logs_the_same_records(straight, tmp_path):
+    """12.5: the first train record after a resume averaged a shorter window."""
+    run_dir = interrupted(str(tmp_path))
+    assert [r["step"] for r in read_metrics(run_dir, split="train")] == [3]
+    train.train_and_evaluate(resume_config(), str(tmp_path))
+    straight_dir, (step, state), straight_records = straight
+    assert final_state(run_dir)[0] == step == 6
+    chex.assert_trees_all_equal(final_state(run_dir)[1], state)
+    # Every record (loss, top-1, lr, epoch; evaluation) as in the uninterrupted run.
+    assert records(run_dir) == straight_records
+    assert [r["step"] for r in straight_records if r["split"] == "train"] == [3, 6]
+
+
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
@@ -89,6 +105,7 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_exactly(straight, tmp
     assert rows[0]["finished"]
     _, (step, state), straight_records = straight
     chex.assert_trees_all_equal(final_state(run_dir)[1], state)
+    assert records(run_dir) == straight_records
 
 
 def _loader_and_tree():

@@ -7,10 +7,11 @@ train metrics every `log_every_steps`, calling `evaluate(step)` every
 Both are independent of the model, the data and the task.
 
 Exact resume: the checkpoint holds the trainer state (parameters, optimizer state,
-mutable model state, step, base PRNG key), the grain iterator position and the
-accumulated wall time. Per-step randomness is `fold_in(base_key, step)`, and the data
-order depends only on the sampler seed and position, so an interrupted and resumed run
-takes the same steps as an uninterrupted one.
+mutable model state, step, base PRNG key), the grain iterator position, the
+accumulated wall time and the train metrics gathered since the last log record.
+Per-step randomness is `fold_in(base_key, step)`, and the data order depends only on
+the sampler seed and position, so an interrupted and resumed run takes the same steps,
+and logs the same records, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -122,6 +123,23 @@ def _mean_metrics(window: list[Mapping[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _window_to_meta(window: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The running train metrics since the last log record, exactly, as JSON."""
+    host = jax.device_get(window)
+    if not host:
+        return {}
+    return {k: {"dtype": str(np.asarray(host[0][k]).dtype),
+                "values": [np.asarray(m[k]).item() for m in host]} for k in host[0]}
+
+
+def _window_from_meta(stored: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
+    if not stored:
+        return []
+    columns = {k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in stored.items()}
+    length = len(next(iter(columns.values())))
+    return [{k: column[i] for k, column in columns.items()} for i in range(length)]
+
+
 def train_loop(
     trainer: Trainer,
     train_iterator: Iterator[Any],
@@ -152,8 +170,10 @@ def train_loop(
         shard_fn: Host batch -> global sharded batch (`sharding.shard_batch` bound to
             the mesh).
         start_step: Step the trainer is at.
-        resume_meta: The checkpoint metadata from `restore_or_initialize` (the wall
-            time of earlier runs, "train_seconds").
+        resume_meta: The checkpoint metadata from `restore_or_initialize`: the wall
+            time of earlier runs and the train metrics accumulated since the last
+            log record, so that a resumed run logs the same records as an
+            uninterrupted one.
         checkpointer: Saves every `checkpoint_every_steps` steps and at the end,
             before evaluating (an evaluation that fails does not lose the steps).
         writer: Receives train metrics (split "train") and evaluation results
@@ -203,7 +223,7 @@ def train_loop(
             step,
             trainer.checkpoint_tree(),
             data_iterator=data_iterator,
-            meta={"train_seconds": elapsed(), "step": step},
+            meta={"train_seconds": elapsed(), "step": step, "metric_window": _window_to_meta(window)},
         )
 
     def eval_due(step: int) -> bool:
@@ -219,7 +239,10 @@ def train_loop(
 
     step = start_step
     last_eval = None
-    window: list[Mapping[str, jax.Array]] = []
+    # Train metrics since the last log record (restored on resume); `window_steps`
+    # counts only the steps of this process, for the steps/s figures.
+    window: list[Mapping[str, Any]] = _window_from_meta(resume_meta.get("metric_window", {}))
+    window_steps = 0
     window_start = time.perf_counter()
     if start_step and eval_due(start_step) and writer is not None:
         # The run stopped after checkpointing this step but before its evaluation
@@ -243,6 +266,7 @@ def train_loop(
             metrics = trainer.train_step(batch)
             step += 1
             window.append(metrics)
+            window_steps += 1
             if pending is not None:
                 jax.block_until_ready(pending)
                 bar.update(1, loss=float(pending["loss"]))
@@ -251,14 +275,15 @@ def train_loop(
             if step % log_every_steps == 0 or step == num_steps:
                 means = _mean_metrics(window)
                 seconds = time.perf_counter() - window_start
-                means["steps_per_second"] = len(window) / seconds
+                means["steps_per_second"] = window_steps / seconds
                 if examples_per_step:
-                    means["examples_per_second"] = len(window) * examples_per_step / seconds
+                    means["examples_per_second"] = window_steps * examples_per_step / seconds
                 if not math.isfinite(means["loss"]):
                     raise FloatingPointError(f"training loss is {means['loss']} at step {step}")
                 if writer is not None:
                     writer.write(step, {**means, **epoch_fields(step)}, split="train")
                 window = []
+                window_steps = 0
                 window_start = time.perf_counter()
 
             evaluating = eval_due(step)
