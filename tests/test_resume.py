@@ -255,3 +255,21 @@ def test_failed_evaluation_keeps_the_checkpoint_and_is_rerun(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir, split="eval")] == [3, 6]
 
 
+def test_changed_training_data_is_named_and_can_be_accepted(tmp_path, caplog):
+    """12.3: deleting a bad training image, then resuming, gave grain's sampler error."""
+    data = make_image_folder(tmp_path / "data")
+    config = folder_config(data, num_train_steps=4, checkpoint_every_steps=2)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), workdir)
+    os.remove(data / "train" / "dog" / "1.png")
+    with pytest.raises(errors.DataChangedError) as info:
+        train.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "6 examples then, 5 now" in message and "allow_data_change=True" in message
+    assert os.path.join(workdir, MODEL, checkpoint_lib.CHECKPOINT_DIR) in message
+    with caplog.at_level(logging.WARNING):
+        rows = train.train_and_evaluate(tiny_config(**{**config, "allow_data_change": True}), workdir)
+    assert rows[0]["finished"] and rows[0]["steps"] == 4
+    assert any("no longer bit-exact" in r.getMessage() for r in caplog.records)
+
+

@@ -53,6 +53,7 @@ RUN_CONTROL_KEYS = (
     "distributed",
     "checkpoint_every_steps",
     "eval_every_epochs",
+    "allow_data_change",
     "check_images",
 )
 RESULTS_FILE = "results.json"
@@ -204,7 +205,9 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         max_to_keep=config.keep_checkpoints,
         async_save=config.async_checkpoints,
     )
-    start_step, meta = loop_lib.restore_or_initialize(trainer, checkpointer, train_iter)
+    start_step, meta = loop_lib.restore_or_initialize(
+        trainer, checkpointer, train_iter, allow_data_change=config.allow_data_change
+    )
 
     def shard(batch):
         return sharding.shard_batch(batch, mesh)
