@@ -273,3 +273,26 @@ def test_changed_training_data_is_named_and_can_be_accepted(tmp_path, caplog):
     assert any("no longer bit-exact" in r.getMessage() for r in caplog.records)
 
 
+# ----------------------------------------------------------------------------- metrics log
+
+
+def test_cut_off_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    """12.4: a partial last line of metrics.jsonl (power loss) blocked the resume."""
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(str(tmp_path), tensorboard=False) as writer:
+        for step in (1, 2):
+            writer.write(step, {"loss": 0.5 * step})
+    with open(path, "a") as f:
+        f.write('{"step": 3, "split": "train", "loss": 0.')
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+        with MetricsWriter(str(tmp_path), resume_step=2, tensorboard=False) as writer:
+            writer.write(3, {"loss": 1.5})
+    assert any(str(path) in r.getMessage() and "line 3" in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 2: not a JSON record"):
+        read_metrics(str(tmp_path))
+
+
