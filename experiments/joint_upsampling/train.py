@@ -576,6 +576,26 @@ def save_panel(path: str, example: dict[str, np.ndarray], predictions: dict[str,
     return path
 
 
+def _keep_training_timings(workdir: str, timings: dict[str, float],
+                           runs: dict[tuple[str, int], RunOutput]) -> dict[str, float]:
+    """The timings for details.json: those of the invocations that trained the networks.
+
+    A rerun that only reloads finished runs keeps the stored timings (it has not trained
+    anything); a rerun that trains some keeps the stored seconds of the others.
+    """
+    try:
+        with open(os.path.join(workdir, DETAILS_FILE)) as f:
+            stored = json.load(f)["seconds"]
+        if not isinstance(stored, dict):
+            return timings
+    except (OSError, ValueError, KeyError, TypeError):
+        return timings
+    reloaded = [f"{name}_{scale_key(scale)}" for (name, scale), run in runs.items() if run.reloaded]
+    if len(reloaded) == len(runs):
+        return {**timings, **stored}
+    return {**timings, **{key: stored[key] for key in reloaded if key in stored}}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the whole experiment; see the module docstring.
 
@@ -643,6 +663,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             results[method][scale_key(scale)] = float(np.mean(values))
     timings["evaluation"] = round(time.perf_counter() - start, 2)
     timings["total_wall"] = round(time.perf_counter() - wall_start, 2)
+    wall_seconds = timings["total_wall"]
+    timings = _keep_training_timings(workdir, timings, runs)
 
     unit = "metres of depth" if config.train_data == "nyu" else "disparity pixels"
     table = format_table(results, scales, test_name, unit)
@@ -669,6 +691,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{n}: {runs[n, s].row['params']:,}" for (n, s) in runs if s == scales[-1]
         )
         print(table, flush=True)
-        print(f"\nparameters at x{scales[-1]}: {params}; wall time {timings['total_wall']:.0f} s; "
+        print(f"\nparameters at x{scales[-1]}: {params}; wall time {wall_seconds:.0f} s; "
               f"outputs in {workdir}", flush=True)
     return results
