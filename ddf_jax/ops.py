@@ -24,6 +24,10 @@ def default_implementation(platform: Optional[str] = None) -> str:
 
 
 def _check_float(array, name: str) -> None:
+    if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+        raise TypeError(
+            f"{name} must be an array (jax.Array or numpy.ndarray), got {type(array).__name__}"
+        )
     dtype = jnp.result_type(array)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
@@ -138,7 +142,8 @@ def ddf(
     Raises:
         ValueError: bad kernel_size, stride, dilation, combine, implementation
             or shapes.
-        TypeError: non-integer static arguments or non-floating arrays.
+        TypeError: non-integer static arguments, array arguments that are not
+            arrays (e.g. Python lists), or non-floating arrays.
         ddf_jax.kernels.ImplementationUnavailable: the implementation cannot
             run on this platform.
 

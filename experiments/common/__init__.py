@@ -20,6 +20,7 @@ upsampling, ...) builds on:
     metrics       MetricsWriter (JSONL + TensorBoard), read_metrics.
     progress      StepProgress (tqdm with step time and images/s).
     plotting      plot_training_curves (PNG from metrics logs).
+    config_checks Checks of config fields by name, before any expensive work.
     errors        The errors a user can fix (printed without a traceback by cli).
     cli           The command line shared by the experiments' main.py.
 
@@ -44,6 +45,7 @@ A typical experiment:
 
 from experiments.common import (
     checkpoint,
+    config_checks,
     errors,
     integrity,
     loop,
@@ -88,6 +90,7 @@ __all__ = [
     "build_optimizer",
     "build_schedule",
     "checkpoint",
+    "config_checks",
     "errors",
     "integrity",
     "loop",

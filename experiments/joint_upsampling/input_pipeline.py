@@ -609,21 +609,27 @@ def load_nyu_split(split_path) -> dict[str, np.ndarray]:
     """
     path = _local_path(split_path, "split_path")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".mat":
-        try:
+    if extension not in (".mat", ".npz"):
+        raise ValueError(f"split_path must end in .mat or .npz, got {path!r}")
+    try:
+        if extension == ".npz":
+            with np.load(path) as f:
+                raw = {key: np.asarray(f[key]) for key in f.files}
+        else:
             from scipy import io as scipy_io
 
-            raw = scipy_io.loadmat(path)
-        except NotImplementedError:  # MATLAB v7.3 is HDF5.
-            import h5py
+            try:
+                raw = scipy_io.loadmat(path)
+            except NotImplementedError:  # MATLAB v7.3 is HDF5.
+                import h5py
 
-            with h5py.File(path, "r") as f:
-                raw = {key: np.asarray(f[key]) for key in f.keys()}
-    elif extension == ".npz":
-        with np.load(path) as f:
-            raw = {key: np.asarray(f[key]) for key in f.files}
-    else:
-        raise ValueError(f"split_path must end in .mat or .npz, got {path!r}")
+                with h5py.File(path, "r") as f:
+                    raw = {key: np.asarray(f[key]) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 -- scipy, h5py and zipfile raise many types.
+        kind = "an .npz archive" if extension == ".npz" else "a MATLAB .mat file (v5 or v7.3)"
+        raise ValueError(
+            f"split_path {path!r} is not {kind}: {type(err).__name__}: {str(err)[:200]}"
+        ) from None
     split = {}
     for name, key in _SPLIT_KEYS.items():
         if key not in raw:

@@ -45,7 +45,9 @@ import ddf_jax
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
+from experiments.common import config_checks as checks
 from experiments.common import optim, sharding
+from experiments.common.errors import ConfigError
 from experiments.common.metrics import MetricsWriter
 from experiments.common.train_state import Trainer
 from experiments.joint_upsampling import baselines, input_pipeline, models
@@ -89,7 +91,7 @@ def scale_config(config: ml_collections.ConfigDict, scale: int) -> ml_collection
     """The `config.per_scale` entry for `scale` (steps, crop_size, batch_size)."""
     key = scale_key(scale)
     if key not in config.per_scale:
-        raise ValueError(
+        raise ConfigError(
             f"config.per_scale has no entry {key!r} for scale {scale}; "
             f"it has {sorted(config.per_scale.keys())}"
         )
@@ -97,9 +99,9 @@ def scale_config(config: ml_collections.ConfigDict, scale: int) -> ml_collection
     for name in ("steps", "crop_size", "batch_size"):
         value = entry[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.per_scale.{key}.{name} must be a positive int, got {value!r}")
+            raise ConfigError(f"config.per_scale.{key}.{name} must be a positive int, got {value!r}")
     if entry.crop_size % scale:
-        raise ValueError(
+        raise ConfigError(
             f"config.per_scale.{key}.crop_size must be a multiple of {scale}, got {entry.crop_size}"
         )
     return entry
@@ -420,16 +422,12 @@ def _validation_batches(config, scale: int, entry) -> list[dict[str, np.ndarray]
 
     The global batches have the run's batch size.
 
-    Raises:
-      ValueError: `config.validation_examples` is neither 0 nor at least the batch size.
+    `check_config` has checked that `config.validation_examples` is 0 or at least the
+    batch size; the last incomplete batch is dropped.
     """
     count, size = config.validation_examples, entry.batch_size
     if count == 0:
         return []
-    if count < size:
-        raise ValueError(
-            f"config.validation_examples must be 0 or >= the batch size {size}, got {count}"
-        )
     source = synthetic_source(config, entry.crop_size, VALIDATION_SEED_OFFSET)
     rows = sharding.process_slice(size)  # This process's rows of each global batch.
     batches = []
@@ -576,6 +574,58 @@ def save_panel(path: str, example: dict[str, np.ndarray], predictions: dict[str,
     return path
 
 
+def check_config(config: ml_collections.ConfigDict):
+    """Checks every config field by name before any data, tuning or model work.
+
+    Returns:
+      The data-parallel mesh (each scale's batch size is checked against it).
+
+    Raises:
+      ConfigError: a field is out of range (the message names it).
+    """
+    scales = tuple(config.scales)
+    if not scales:
+        raise ConfigError("config.scales must name at least one scale, got ()")
+    for scale in scales:
+        if isinstance(scale, bool) or not isinstance(scale, int):
+            raise ConfigError(f"config.scales must hold ints, got {scale!r}")
+        try:
+            models._num_stages(scale)
+        except ValueError as err:
+            raise ConfigError(f"config.scales: {err}") from None
+        scale_config(config, scale)
+    names = tuple(config.models)
+    unknown = [n for n in names if n not in models.MODELS]
+    if unknown or not names:
+        raise ConfigError(f"config.models has unknown models {unknown or '()'}; known: {tuple(models.MODELS)}")
+    checks.one_of(config, "dtype", DTYPES)
+    checks.one_of(config, "loss", LOSSES)
+    checks.one_of(config, "train_data", ("synthetic", "nyu"))
+    checks.positive_number(config, "learning_rate")
+    for name in ("weight_decay", "grad_clip_norm"):
+        checks.number_in(config, name, 0.0, float("inf"))
+    for name in ("log_every_steps", "keep_checkpoints", "guided_filter.tune_examples",
+                 "guided_filter.tune_size"):
+        checks.integer(config, name, minimum=1)
+    for name in ("warmup_steps", "validation_examples", "nyu_eval_frames", "num_devices",
+                 "eval_every_steps", "checkpoint_every_steps", "stop_after_steps",
+                 "synthetic.pool_size"):
+        checks.integer(config, name, minimum=0)
+    checks.integer(config, "seed", minimum=0, maximum=2**32 - 1)
+    for name in ("panels", "progress_bar", "overwrite", "distributed"):
+        checks.boolean(config, name)
+    mesh = sharding.create_mesh(config.num_devices)
+    for scale in scales:
+        entry = scale_config(config, scale)
+        sharding.check_batch_size(entry.batch_size, mesh, f"config.per_scale.{scale_key(scale)}.batch_size")
+        if config.validation_examples and config.validation_examples < entry.batch_size:
+            raise ConfigError(
+                f"config.validation_examples must be 0 or >= the batch size {entry.batch_size} "
+                f"of scale {scale}, got {config.validation_examples}"
+            )
+    return mesh
+
+
 def _keep_training_timings(workdir: str, timings: dict[str, float],
                            runs: dict[tuple[str, int], RunOutput]) -> dict[str, float]:
     """The timings for details.json: those of the invocations that trained the networks.
@@ -608,18 +658,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       methods are the baselines followed by `config.models`.
     """
     wall_start = time.perf_counter()
+    mesh = check_config(config)
     scales = tuple(int(s) for s in config.scales)
-    if not scales:
-        raise ValueError("config.scales must name at least one scale, got ()")
-    for scale in scales:
-        models._num_stages(scale)
-        scale_config(config, scale)
     names = tuple(config.models)
-    unknown = [n for n in names if n not in models.MODELS]
-    if unknown:
-        raise ValueError(f"config.models has unknown models {unknown}; known: {tuple(models.MODELS)}")
+    # The data files are opened (and checked) before any tuning or training.
+    data = TrainData(config)
+    if config.train_data == "nyu":
+        input_pipeline.NYUDepthV2(config.nyu_mat_path, config.nyu_split_path, "test")
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.create_mesh(config.num_devices)
     is_main = jax.process_index() == 0
 
     timings: dict[str, float] = {}
@@ -630,7 +676,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, GUIDED_FILTER_FILE), "w") as f:
             json.dump(tuned, f, indent=2)
 
-    data = TrainData(config)
     runs: dict[tuple[str, int], RunOutput] = {}
     for scale in scales:
         for name in names:
