@@ -296,3 +296,46 @@ def test_cut_off_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
         read_metrics(str(tmp_path))
 
 
+# ----------------------------------------------------------------------------- holes in the resume tests
+
+
+def test_each_step_gets_its_own_key_folded_with_the_step():
+    """12.8: a trainer that reused one key for every step passed the whole suite."""
+
+    def loss_fn(model, batch, rng):
+        draw = jax.random.uniform(rng)
+        return jnp.mean((model(batch["x"]) - batch["y"]) ** 2), {"draw": draw}
+
+    seed = 7
+    trainer = Trainer(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), optim.build_optimizer(0.1, momentum=0.9),
+                      loss_fn=loss_fn, mesh=sharding.create_mesh(1), seed=seed)
+    batch = sharding.shard_batch({"x": np.ones((2, 3), np.float32), "y": np.zeros((2, 1), np.float32)},
+                                 trainer.mesh)
+    draws = [float(trainer.train_step(batch)["draw"]) for _ in range(3)]  # One fixed batch.
+    assert len(set(draws)) == 3
+    expected = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step)))
+                for step in range(3)]
+    assert draws == expected
+
+
+def test_run_control_keys_match_by_name_or_dotted_prefix_only(tmp_path):
+    """12.8: allowed keys matched by bare prefix let 'width' differ when 'w' may."""
+
+    def prepare(config):
+        return run_dir_lib.prepare_run_dir(str(tmp_path), config, run_control_keys=("w", "log"))
+
+    prepare({"w": 1, "width": 1, "log": {"every": 1}, "logits": 1})
+    os.makedirs(tmp_path / checkpoint_lib.CHECKPOINT_DIR / "2")
+    # The allowed names themselves and their dotted children may differ...
+    assert prepare({"w": 2, "width": 1, "log": {"every": 5}, "logits": 1}) is None
+    # ...a key that merely starts with an allowed name may not.
+    with pytest.raises(errors.ConfigMismatchError, match=r"width: 1 -> 2"):
+        prepare({"w": 1, "width": 2, "log": {"every": 1}, "logits": 1})
+    with pytest.raises(errors.ConfigMismatchError, match=r"logits: 1 -> 3"):
+        prepare({"w": 1, "width": 1, "log": {"every": 1}, "logits": 3})
+    # The experiments' own run-control keys: a near-miss name is not one of them.
+    assert not run_dir_lib.config_differences({"log_every_steps": 1}, {"log_every_steps": 2},
+                                              train.RUN_CONTROL_KEYS)
+    assert run_dir_lib.config_differences({"log_every_stepsx": 1}, {"log_every_stepsx": 2},
+                                          train.RUN_CONTROL_KEYS)
+
