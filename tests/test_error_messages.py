@@ -136,3 +136,39 @@ def test_python_lists_given_to_ddf_are_named_without_repeating_them():
     assert str(info.value) == "x must be an array (jax.Array or numpy.ndarray), got list"
     with pytest.raises(TypeError, match="spatial_filter must be an array"):
         ddf_jax.ddf(x.astype(np.float32), cf, sf.tolist(), kernel_size=3)
+
+
+def test_both_command_lines_report_user_errors_alike(tmp_path, monkeypatch):
+    """Issue 14.4: one shared command line; a user error is one 'error:' line, exit status 1."""
+    from experiments.classification import main as classification_main
+    from experiments.common import cli
+    from experiments.joint_upsampling import main as joint_main
+
+    cases = (
+        (classification_main, classification, errors.RunFinishedError("run A finished")),
+        (joint_main, joint, errors.ConfigMismatchError("run B has another config")),
+        (joint_main, joint, errors.CheckpointDamagedError("no intact checkpoint in C")),
+    )
+    for main, train_module, error in cases:
+        def train_and_evaluate(config, workdir, error=error):
+            raise error
+
+        monkeypatch.setattr(train_module, "train_and_evaluate", train_and_evaluate)
+        config_file = os.path.join(os.path.dirname(main.__file__), "configs", "default.py")
+        argv = ["main", f"--workdir={tmp_path}", f"--config={config_file}"]
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            cli.FLAGS(argv)
+            with pytest.raises(SystemExit) as info:
+                main.main(["main"])
+            assert info.value.code == f"error: {error}"  # Printed to stderr, exit status 1.
+        finally:
+            cli.FLAGS.unparse_flags()
+    # A bug is not a user error: its traceback is kept.
+    monkeypatch.setattr(joint, "train_and_evaluate", lambda config, workdir: 1 / 0)
+    try:
+        cli.FLAGS(argv)
+        with pytest.raises(ZeroDivisionError):
+            joint_main.main(["main"])
+    finally:
+        cli.FLAGS.unparse_flags()
