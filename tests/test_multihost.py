@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import integrity
 from experiments.common import run_dir as run_dir_lib
 from experiments.common.metrics import read_metrics
 
@@ -196,12 +197,12 @@ def test_classification_two_processes_equal_one_process_and_resume_exactly(tmp_p
     # Process 0 alone wrote the outputs: one set of files, no duplicates.
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
 
-    # Both processes killed (SIGKILL) once checkpoint 2 has committed, then restarted.
+    # Both processes killed (SIGKILL) once checkpoint 2 is sealed, then restarted.
     run_dir = os.path.join(killed, "resnet20_cifar")
     checkpoints = os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR)
 
     def committed_step_2():
-        return os.path.isdir(os.path.join(checkpoints, "2"))
+        return os.path.exists(os.path.join(checkpoints, "2", integrity.MANIFEST_FILE))
 
     launch(two_process_commands("classification", killed, config_file),
            log_dir=str(tmp_path / "logs_killed"), until=committed_step_2)
