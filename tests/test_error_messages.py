@@ -172,3 +172,12 @@ def test_both_command_lines_report_user_errors_alike(tmp_path, monkeypatch):
             joint_main.main(["main"])
     finally:
         cli.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("name", ["classification", "joint_upsampling"])
+def test_importing_main_modules_runs_nothing(name):
+    """grain worker processes re-import `__main__`; the command must not run again there."""
+    import importlib
+
+    module = importlib.import_module(f"experiments.{name}.__main__")
+    assert callable(module.run)  # Imported, and the guard kept the command line from starting.
