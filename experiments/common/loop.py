@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import sharding
@@ -135,7 +136,7 @@ def _window_to_meta(window: list[Mapping[str, Any]]) -> dict[str, Any]:
 def _window_from_meta(stored: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
     if not stored:
         return []
-    columns = {k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in stored.items()}
+    columns = {k: np.asarray(v["values"], dtype=jnp.dtype(v["dtype"])) for k, v in stored.items()}
     length = len(next(iter(columns.values())))
     return [{k: column[i] for k, column in columns.items()} for i in range(length)]
 
