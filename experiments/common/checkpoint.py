@@ -52,8 +52,8 @@ class Checkpointer:
 
     Args:
         directory: Checkpoint directory (created); usually `<run_dir>/checkpoints`.
-        max_to_keep: Keep only this many newest checkpoints (two or more, so that a
-            damaged newest one has an intact predecessor).
+        max_to_keep: Keep only this many newest checkpoints; the default 2 leaves a
+            damaged newest one an intact predecessor.
         async_save: Write array checkpoints in a background thread. The data-iterator
             state is always captured synchronously at `save` time; a step is sealed
             once its write has finished (at the next `save`, `wait` or `close`).
