@@ -142,8 +142,7 @@ def ddf(
     Raises:
         ValueError: bad kernel_size, stride, dilation, combine, implementation
             or shapes.
-        TypeError: non-integer static arguments, array arguments that are not
-            arrays (e.g. Python lists), or non-floating arrays.
+        TypeError: non-integer static arguments or non-floating arrays.
         ddf_jax.kernels.ImplementationUnavailable: the implementation cannot
             run on this platform.
 
