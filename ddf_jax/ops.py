@@ -60,6 +60,10 @@ def check_implementation(implementation: Implementation) -> Implementation:
 
 
 def _check_float(array, name: str) -> None:
+    if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+        raise TypeError(
+            f"{name} must be an array (jax.Array or numpy.ndarray), got {type(array).__name__}"
+        )
     dtype = jnp.result_type(array)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(

@@ -444,7 +444,7 @@ def test_train_model_resumes_exactly(tmp_path):
     # A finished run is reloaded, not retrained, and a changed config is refused.
     again = train.train_model(config, "plain_net", 2, str(tmp_path / "resumed"), data, mesh)
     chex.assert_trees_all_equal(_params(again.model), _params(second.model))
-    from experiments.common.checkpoint import RunFinishedError
+    from experiments.common.errors import RunFinishedError
 
     with pytest.raises(RunFinishedError):
         train.train_model(_tiny_config(learning_rate=1e-4), "plain_net", 2, str(tmp_path / "resumed"), data,
@@ -469,6 +469,11 @@ def test_train_and_evaluate_one_step_writes_results(tmp_path):
     assert details["networks"]["ddf_up_net_x2"]["steps"] == 1
     metrics = [json.loads(line) for line in open(tmp_path / "ddf_up_net_x2" / "metrics.jsonl")]
     assert {"loss", "rmse", "bilinear_rmse"} <= set(metrics[0])
+    # A rerun reloads the finished run: same results, and the timings of the run that
+    # trained are kept (they were overwritten by the rerun's, issue 12.6).
+    assert train.train_and_evaluate(config, str(tmp_path)) == results
+    again = json.loads((tmp_path / "details.json").read_text())
+    assert again["seconds"] == details["seconds"] and again["networks"] == details["networks"]
 
 
 def test_config_validation(tmp_path):

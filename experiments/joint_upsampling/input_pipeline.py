@@ -486,6 +486,7 @@ def synthetic_batches(
     start_step: int = 0,
     num_steps: Optional[int] = None,
     pool_size: int = 0,
+    rows: Optional[slice] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic training batches from a random-access source of full frames.
 
@@ -507,6 +508,8 @@ def synthetic_batches(
       start_step: the first batch index.
       num_steps: stop after this many batches (None: never stop).
       pool_size: see above; 0 for fresh examples throughout.
+      rows: the rows of each batch to make (default: all), e.g. this process's
+        `experiments.common.sharding.process_slice(batch_size)`.
 
     Yields:
       Batches from `stack_examples(make_example(...))`: 'guide' (B, H, W, 3)
@@ -517,10 +520,11 @@ def synthetic_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pool_size < 0:
         raise ValueError(f"pool_size must be >= 0, got {pool_size}")
+    first, last, _ = (rows or slice(0, batch_size)).indices(batch_size)
     step = start_step
     while num_steps is None or step < start_step + num_steps:
         examples = []
-        for position in range(step * batch_size, (step + 1) * batch_size):
+        for position in range(step * batch_size + first, step * batch_size + last):
             if pool_size:
                 example = source[position % pool_size]
                 transform = (position // pool_size) % 8
@@ -605,21 +609,27 @@ def load_nyu_split(split_path) -> dict[str, np.ndarray]:
     """
     path = _local_path(split_path, "split_path")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".mat":
-        try:
+    if extension not in (".mat", ".npz"):
+        raise ValueError(f"split_path must end in .mat or .npz, got {path!r}")
+    try:
+        if extension == ".npz":
+            with np.load(path) as f:
+                raw = {key: np.asarray(f[key]) for key in f.files}
+        else:
             from scipy import io as scipy_io
 
-            raw = scipy_io.loadmat(path)
-        except NotImplementedError:  # MATLAB v7.3 is HDF5.
-            import h5py
+            try:
+                raw = scipy_io.loadmat(path)
+            except NotImplementedError:  # MATLAB v7.3 is HDF5.
+                import h5py
 
-            with h5py.File(path, "r") as f:
-                raw = {key: np.asarray(f[key]) for key in f.keys()}
-    elif extension == ".npz":
-        with np.load(path) as f:
-            raw = {key: np.asarray(f[key]) for key in f.files}
-    else:
-        raise ValueError(f"split_path must end in .mat or .npz, got {path!r}")
+                with h5py.File(path, "r") as f:
+                    raw = {key: np.asarray(f[key]) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 -- scipy, h5py and zipfile raise many types.
+        kind = "an .npz archive" if extension == ".npz" else "a MATLAB .mat file (v5 or v7.3)"
+        raise ValueError(
+            f"split_path {path!r} is not {kind}: {type(err).__name__}: {str(err)[:200]}"
+        ) from None
     split = {}
     for name, key in _SPLIT_KEYS.items():
         if key not in raw:
@@ -734,11 +744,12 @@ def random_crops(
     start_step: int = 0,
     num_steps: Optional[int] = None,
     min_valid_fraction: float = 0.5,
+    rows: Optional[slice] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic batches of random crops from a source of full frames (e.g. NYU).
 
-    Batch `k` depends only on `(seed, k)`; crops are flipped horizontally at
-    random. Frames are indexed modulo `len(source)`.
+    Crop `i` of batch `k` depends only on `(seed, k, i)`; crops are flipped
+    horizontally at random. Frames are indexed modulo `len(source)`.
 
     Args:
       source: random-access examples {'image' (H, W, 3) uint8, 'disparity' (H, W)}.
@@ -750,6 +761,7 @@ def random_crops(
       num_steps: number of batches (None: endless).
       min_valid_fraction: crops with fewer valid ground-truth pixels are
         redrawn.
+      rows: the rows of each batch to make (default: all); see `synthetic_batches`.
 
     Yields:
       Batches as in `synthetic_batches`.
@@ -758,11 +770,12 @@ def random_crops(
         raise ValueError(f"crop_size must be a multiple of scale={scale}, got {crop_size}")
     if len(source) == 0:
         raise ValueError("source is empty")
+    first, last, _ = (rows or slice(0, batch_size)).indices(batch_size)
     step = start_step
     while num_steps is None or step < start_step + num_steps:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, step]))
         examples = []
-        for _ in range(batch_size):
+        for row in range(first, last):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, step, row]))
             for _attempt in range(100):
                 ex = source[int(rng.integers(len(source)))]
                 h, w = ex["disparity"].shape

@@ -43,8 +43,11 @@ from flax import nnx
 
 import ddf_jax
 from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
+from experiments.common import config_checks as checks
 from experiments.common import optim, sharding
+from experiments.common.errors import ConfigError
 from experiments.common.metrics import MetricsWriter
 from experiments.common.train_state import Trainer
 from experiments.joint_upsampling import baselines, input_pipeline, models
@@ -59,6 +62,7 @@ RUN_CONTROL_KEYS = (
     "keep_checkpoints",
     "progress_bar",
     "stop_after_steps",
+    "distributed",
 )
 # Config keys that do not concern a (model, scale) training run at all.
 _NOT_RUN_KEYS = (
@@ -87,7 +91,7 @@ def scale_config(config: ml_collections.ConfigDict, scale: int) -> ml_collection
     """The `config.per_scale` entry for `scale` (steps, crop_size, batch_size)."""
     key = scale_key(scale)
     if key not in config.per_scale:
-        raise ValueError(
+        raise ConfigError(
             f"config.per_scale has no entry {key!r} for scale {scale}; "
             f"it has {sorted(config.per_scale.keys())}"
         )
@@ -95,9 +99,9 @@ def scale_config(config: ml_collections.ConfigDict, scale: int) -> ml_collection
     for name in ("steps", "crop_size", "batch_size"):
         value = entry[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.per_scale.{key}.{name} must be a positive int, got {value!r}")
+            raise ConfigError(f"config.per_scale.{key}.{name} must be a positive int, got {value!r}")
     if entry.crop_size % scale:
-        raise ValueError(
+        raise ConfigError(
             f"config.per_scale.{key}.crop_size must be a multiple of {scale}, got {entry.crop_size}"
         )
     return entry
@@ -205,7 +209,8 @@ class TrainData:
     """Training-batch factory shared by the runs of one `train_and_evaluate` call.
 
     `batches(scale, start_step)` returns the deterministic batch iterator of a
-    run from `start_step` on; synthetic crops are generated once per crop size
+    run from `start_step` on (this process's rows of every global batch; see
+    `sharding.process_slice`); synthetic crops are generated once per crop size
     and shared by all runs (`input_pipeline.CachedSource`).
     """
 
@@ -236,6 +241,7 @@ class TrainData:
                 entry.batch_size,
                 seed=self.config.seed,
                 start_step=start_step,
+                rows=sharding.process_slice(entry.batch_size),
             )
         return input_pipeline.synthetic_batches(
             self.source(entry.crop_size),
@@ -243,6 +249,7 @@ class TrainData:
             entry.batch_size,
             start_step=start_step,
             pool_size=self.config.synthetic.pool_size,
+            rows=sharding.process_slice(entry.batch_size),
         )
 
 
@@ -267,10 +274,12 @@ class RunOutput:
         "train_seconds", "finished", "validation_rmse",
         "validation_bilinear_rmse"} (also the run's result.json).
       model: the trained module (eval mode).
+      reloaded: True if the run had finished before and was only reloaded.
     """
 
     row: dict[str, Any]
     model: nnx.Module
+    reloaded: bool = False
 
 
 def train_model(
@@ -284,7 +293,8 @@ def train_model(
     """Trains (or resumes, or reloads) one network at one scale in `run_dir`.
 
     A finished run with the same config is not retrained: its final checkpoint
-    is loaded and its stored row returned.
+    is loaded and its stored row returned. If that checkpoint is damaged, the
+    steps after the newest intact one are trained again.
 
     Args:
       config: the experiment config.
@@ -298,7 +308,7 @@ def train_model(
       A `RunOutput`.
     """
     entry = scale_config(config, scale)
-    stored = checkpoint_lib.prepare_run_dir(
+    stored = run_dir_lib.prepare_run_dir(
         run_dir,
         _run_config(config, model_name, scale),
         overwrite=config.overwrite,
@@ -332,19 +342,22 @@ def train_model(
         max_to_keep=config.keep_checkpoints,
     )
     start_step, meta = loop_lib.restore_or_initialize(trainer, checkpointer)
-    if stored is not None:
+    if stored is not None and start_step == stored.get("steps"):
         checkpointer.close()
-        if start_step != stored.get("steps"):
-            raise RuntimeError(
-                f"{run_dir}: result.json reports {stored.get('steps')} steps but the newest checkpoint "
-                f"is step {start_step}"
+        if jax.process_index() == 0:
+            print(
+                f"{model_name} x{scale}: finished run found in {run_dir}; reloaded "
+                "(pass --overwrite to train again)",
+                flush=True,
             )
-        print(
-            f"{model_name} x{scale}: finished run found in {run_dir}; reloaded "
-            "(pass --overwrite to train again)",
-            flush=True,
+        return RunOutput(stored, trainer.model(), reloaded=True)
+    if stored is not None:
+        # The final checkpoint was damaged and set aside: train the missing steps again
+        # from the newest intact one (the result is the same, bit for bit).
+        logging.warning(
+            "%s: result.json reports %s steps but the newest intact checkpoint is step %d; "
+            "training the remaining steps again", run_dir, stored.get("steps"), start_step,
         )
-        return RunOutput(stored, trainer.model())
 
     validation = _validation_batches(config, scale, entry)
 
@@ -372,7 +385,7 @@ def train_model(
             num_steps=num_steps,
             shard_fn=lambda batch: sharding.shard_batch(batch, mesh),
             start_step=start_step,
-            previous_seconds=float(meta.get("train_seconds", 0.0)),
+            resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
             evaluate=evaluate if validation else None,
@@ -400,26 +413,29 @@ def train_model(
         "validation_bilinear_rmse": last_eval.get("bilinear_rmse"),
     }
     if result.finished:
-        checkpoint_lib.mark_finished(run_dir, row)
+        run_dir_lib.mark_finished(run_dir, row)
     return RunOutput(row, trainer.model())
 
 
 def _validation_batches(config, scale: int, entry) -> list[dict[str, np.ndarray]]:
-    """The fixed synthetic validation set (another seed), in batches of the run's size.
+    """This process's rows of the fixed synthetic validation set (another seed), in batches.
 
-    Raises:
-      ValueError: `config.validation_examples` is neither 0 nor at least the batch size.
+    The global batches have the run's batch size.
+
+    `check_config` has checked that `config.validation_examples` is 0 or at least the
+    batch size; the last incomplete batch is dropped.
     """
     count, size = config.validation_examples, entry.batch_size
     if count == 0:
         return []
-    if count < size:
-        raise ValueError(
-            f"config.validation_examples must be 0 or >= the batch size {size}, got {count}"
-        )
     source = synthetic_source(config, entry.crop_size, VALIDATION_SEED_OFFSET)
-    examples = [input_pipeline.make_example(**source[i], scale=scale) for i in range(count - count % size)]
-    return [input_pipeline.stack_examples(examples[i : i + size]) for i in range(0, len(examples), size)]
+    rows = sharding.process_slice(size)  # This process's rows of each global batch.
+    batches = []
+    for start in range(0, count - count % size, size):
+        examples = [input_pipeline.make_example(**source[start + i], scale=scale)
+                    for i in range(rows.start, rows.stop)]
+        batches.append(input_pipeline.stack_examples(examples))
+    return batches
 
 
 # --------------------------------------------------------------------------
@@ -461,8 +477,13 @@ def tune_guided_filter(config: ml_collections.ConfigDict, scales: Sequence[int])
 
 
 def predict(model: nnx.Module, example: dict[str, np.ndarray]) -> np.ndarray:
-    """The network's (H, W) prediction for one `make_example` dict."""
+    """The network's (H, W) prediction for one `make_example` dict.
+
+    Runs on this process's default device, with a host copy of the (replicated)
+    parameters, so every process can evaluate on its own.
+    """
     graphdef, state = nnx.split(model)
+    state = jax.device_get(state)
 
     @jax.jit
     def forward(state, guide, low_res):
@@ -553,6 +574,78 @@ def save_panel(path: str, example: dict[str, np.ndarray], predictions: dict[str,
     return path
 
 
+def check_config(config: ml_collections.ConfigDict):
+    """Checks every config field by name before any data, tuning or model work.
+
+    Returns:
+      The data-parallel mesh (each scale's batch size is checked against it).
+
+    Raises:
+      ConfigError: a field is out of range (the message names it).
+    """
+    scales = tuple(config.scales)
+    if not scales:
+        raise ConfigError("config.scales must name at least one scale, got ()")
+    for scale in scales:
+        if isinstance(scale, bool) or not isinstance(scale, int):
+            raise ConfigError(f"config.scales must hold ints, got {scale!r}")
+        try:
+            models._num_stages(scale)
+        except ValueError as err:
+            raise ConfigError(f"config.scales: {err}") from None
+        scale_config(config, scale)
+    names = tuple(config.models)
+    unknown = [n for n in names if n not in models.MODELS]
+    if unknown or not names:
+        raise ConfigError(f"config.models has unknown models {unknown or '()'}; known: {tuple(models.MODELS)}")
+    checks.one_of(config, "dtype", DTYPES)
+    checks.one_of(config, "loss", LOSSES)
+    checks.one_of(config, "train_data", ("synthetic", "nyu"))
+    checks.positive_number(config, "learning_rate")
+    for name in ("weight_decay", "grad_clip_norm"):
+        checks.number_in(config, name, 0.0, float("inf"))
+    for name in ("log_every_steps", "keep_checkpoints", "guided_filter.tune_examples",
+                 "guided_filter.tune_size"):
+        checks.integer(config, name, minimum=1)
+    for name in ("warmup_steps", "validation_examples", "nyu_eval_frames", "num_devices",
+                 "eval_every_steps", "checkpoint_every_steps", "stop_after_steps",
+                 "synthetic.pool_size"):
+        checks.integer(config, name, minimum=0)
+    checks.integer(config, "seed", minimum=0, maximum=2**32 - 1)
+    for name in ("panels", "progress_bar", "overwrite", "distributed"):
+        checks.boolean(config, name)
+    mesh = sharding.create_mesh(config.num_devices)
+    for scale in scales:
+        entry = scale_config(config, scale)
+        sharding.check_batch_size(entry.batch_size, mesh, f"config.per_scale.{scale_key(scale)}.batch_size")
+        if config.validation_examples and config.validation_examples < entry.batch_size:
+            raise ConfigError(
+                f"config.validation_examples must be 0 or >= the batch size {entry.batch_size} "
+                f"of scale {scale}, got {config.validation_examples}"
+            )
+    return mesh
+
+
+def _keep_training_timings(workdir: str, timings: dict[str, float],
+                           runs: dict[tuple[str, int], RunOutput]) -> dict[str, float]:
+    """The timings for details.json: those of the invocations that trained the networks.
+
+    A rerun that only reloads finished runs keeps the stored timings (it has not trained
+    anything); a rerun that trains some keeps the stored seconds of the others.
+    """
+    try:
+        with open(os.path.join(workdir, DETAILS_FILE)) as f:
+            stored = json.load(f)["seconds"]
+        if not isinstance(stored, dict):
+            return timings
+    except (OSError, ValueError, KeyError, TypeError):
+        return timings
+    reloaded = [f"{name}_{scale_key(scale)}" for (name, scale), run in runs.items() if run.reloaded]
+    if len(reloaded) == len(runs):
+        return {**timings, **stored}
+    return {**timings, **{key: stored[key] for key in reloaded if key in stored}}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     """Runs the whole experiment; see the module docstring.
 
@@ -565,18 +658,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       methods are the baselines followed by `config.models`.
     """
     wall_start = time.perf_counter()
+    mesh = check_config(config)
     scales = tuple(int(s) for s in config.scales)
-    if not scales:
-        raise ValueError("config.scales must name at least one scale, got ()")
-    for scale in scales:
-        models._num_stages(scale)
-        scale_config(config, scale)
     names = tuple(config.models)
-    unknown = [n for n in names if n not in models.MODELS]
-    if unknown:
-        raise ValueError(f"config.models has unknown models {unknown}; known: {tuple(models.MODELS)}")
+    # The data files are opened (and checked) before any tuning or training.
+    data = TrainData(config)
+    if config.train_data == "nyu":
+        input_pipeline.NYUDepthV2(config.nyu_mat_path, config.nyu_split_path, "test")
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.create_mesh(config.num_devices)
     is_main = jax.process_index() == 0
 
     timings: dict[str, float] = {}
@@ -587,7 +676,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, GUIDED_FILTER_FILE), "w") as f:
             json.dump(tuned, f, indent=2)
 
-    data = TrainData(config)
     runs: dict[tuple[str, int], RunOutput] = {}
     for scale in scales:
         for name in names:
@@ -620,6 +708,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             results[method][scale_key(scale)] = float(np.mean(values))
     timings["evaluation"] = round(time.perf_counter() - start, 2)
     timings["total_wall"] = round(time.perf_counter() - wall_start, 2)
+    wall_seconds = timings["total_wall"]
+    timings = _keep_training_timings(workdir, timings, runs)
 
     unit = "metres of depth" if config.train_data == "nyu" else "disparity pixels"
     table = format_table(results, scales, test_name, unit)
@@ -646,6 +736,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{n}: {runs[n, s].row['params']:,}" for (n, s) in runs if s == scales[-1]
         )
         print(table, flush=True)
-        print(f"\nparameters at x{scales[-1]}: {params}; wall time {timings['total_wall']:.0f} s; "
+        print(f"\nparameters at x{scales[-1]}: {params}; wall time {wall_seconds:.0f} s; "
               f"outputs in {workdir}", flush=True)
     return results

@@ -114,8 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
-    # Devices: 0 = every device (data parallel).
+    # Devices: 0 = every device (data parallel); distributed = multi-host start-up
+    # (jax.distributed; see the README's "Several hosts").
     config.num_devices = 0
+    config.distributed = False
 
     # Logging, checkpoints and outputs.
     config.log_every_steps = 25
