@@ -28,6 +28,10 @@ own dtype. Arguments reaching an implementation are already validated by
 elements, `make_ddf_op` returns zeros (and zero gradients) of the right shapes
 and dtypes without calling the implementation, so no kernel is launched on an
 empty grid.
+
+It also holds what both GPU implementations share: `LaunchConfig` (one
+kernel's tile and launch options) and `BlockSizes` (both kernels' launch
+configurations, the tuned-table lookup and the one tile heuristic).
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ class BlockSizes:
                 raise TypeError(f"BlockSizes.{role} must be a LaunchConfig, got {getattr(self, role)!r}")
 
     @classmethod
-    def get_default(cls, x, channel_filter, spatial_filter, config: "DDFConfig"):
+    def get_default(cls, x, channel_filter, spatial_filter, config: DDFConfig):
         """The tuned configuration of this call's shape class on this device, else `heuristic`.
 
         Args:
@@ -170,15 +174,15 @@ class BlockSizes:
         return cls.heuristic(x, spatial_filter, config)
 
     @classmethod
-    def heuristic(cls, x, spatial_filter, config: "DDFConfig"):
+    def heuristic(cls, x, spatial_filter, config: DDFConfig):
         """Untuned starting points for both GPU implementations, whose kernels have the same structure.
 
         Chosen from the sm_90 compile report (`experiments/kernel_report.py`;
         BENCHMARKS.md, "static, no GPU"), not from GPU timings:
 
         - forward: rows of 128 bytes of channels and 4 KB of x per tap and
-          tile (2 KB when K > 9), 4 warps, so that the accumulator and the
-          loads in flight fit in 128 registers;
+          tile (2 KB when K > 9), 4 warps, aiming at no more than 128
+          registers for the accumulator and the loads in flight;
         - backward: rows of 32 bytes of channels (one DRAM sector) and 8 tile
           elements per thread (4 to 8 warps); BP = 128 pixels for K <= 9 and
           64 above, as large as the (BP, kp, kp) d_spatial_filter accumulator

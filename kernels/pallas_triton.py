@@ -20,7 +20,9 @@ Both kernels flatten the output's (row, column) plane into one pixel axis, so
 that a tile of BP pixels wastes no lanes when Wo is not a power of two, and
 work on (BP pixels) x (BC channels) tiles. Halos do not fit BlockSpecs (blocks
 cannot overlap), so the kernels take whole-array refs and do one masked
-gather-load per tap, the taps unrolled in Python. Tap rows and columns can
+gather-load per tap. Tap rows are a `lax.fori_loop` and tap columns are
+unrolled in Python, so code size, compile time and the loads the compiler
+keeps in flight (registers) grow with k rather than k*k. Tap rows and columns can
 fall outside the image: those indices are clamped to >= 0 before the load
 (the Triton lowering widens indices with zero extension, so a negative index
 would become a huge offset) and masked. The channel index is never clamped:
@@ -50,8 +52,8 @@ Kernels:
 
         dsf[n, i, j, g, t] = sum_{c in head g} g[n, i, j, c] * x_t[n, i, j, c] (* cf[n, c, t])
 
-    into one (BP, next_pow2(K)) accumulator, written once at the end in the
-    spatial filter's dtype;
+    into one (BP, kp, kp) accumulator indexed [pixel, ky, kx] (kp =
+    next_pow2(k)), written once at the end in the spatial filter's dtype;
   - writes per tap and channel the partial sum over its pixels of
 
         dcf[n, c, t] = sum_{i, j} g[n, i, j, c] * x_t[n, i, j, c] (* sf[n, i, j, g(c), t])
@@ -191,25 +193,23 @@ def ddf_fwd_kernel(
     k, r, d = config.kernel_size, config.radius, config.dilation
 
     def tap_row(ky, acc):
-        dy = (ky - r) * d
-        in_row, row_valid = _inside(row * config.stride + dy, height)
+        in_row, row_valid = _inside(row * config.stride + (ky - r) * d, height)
         for kx in range(k):
-            t = ky * k + kx
-            dx = (kx - r) * d
-            in_col, col_valid = _inside(col * config.stride + dx, width)
+            tap = ky * k + kx
+            in_col, col_valid = _inside(col * config.stride + (kx - r) * d, width)
             tap_valid = pixel_valid & row_valid & col_valid
             x_tap = _load(
                 x_ref.at[batch, in_row[:, None], in_col[:, None], channel[None, :]],
                 tap_valid[:, None] & channel_valid[None, :],
                 acc_dtype,
             )
-            channel_tap = _load(channel_filter_ref.at[batch, channel, t], channel_valid, acc_dtype)
+            channel_tap = _load(channel_filter_ref.at[batch, channel, tap], channel_valid, acc_dtype)
             if heads == 1:
-                spatial_tap = _load(spatial_filter_ref.at[batch, row, col, 0, t], pixel_valid, acc_dtype)
+                spatial_tap = _load(spatial_filter_ref.at[batch, row, col, 0, tap], pixel_valid, acc_dtype)
                 weight = _tap_weight(spatial_tap, channel_tap, config.combine)
             else:
                 spatial_tap = _load(
-                    spatial_filter_ref.at[batch, row[:, None], col[:, None], head[None, :], t],
+                    spatial_filter_ref.at[batch, row[:, None], col[:, None], head[None, :], tap],
                     pixel_valid[:, None] & channel_valid[None, :],
                     acc_dtype,
                 )
@@ -270,7 +270,7 @@ def ddf_bwd_kernel(
     grad_out_ref (N, Ho, Wo, C), d_channel_filter_partial_ref (N, P, K, C).
     """
     _, height, width, channels = x_ref.shape
-    _, out_h, out_w, heads, taps = spatial_filter_ref.shape
+    _, out_h, out_w, heads, _ = spatial_filter_ref.shape
     acc_dtype = d_channel_filter_partial_ref.dtype
     k, r, d, stride = config.kernel_size, config.radius, config.dilation, config.stride
     pixel_tile, head, batch = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -291,11 +291,11 @@ def ddf_bwd_kernel(
                 acc_dtype,
             )
 
-        def channel_tap(t):
-            return _load(channel_filter_ref.at[batch, channel, t], channel_valid, acc_dtype)
+        def channel_tap(tap):
+            return _load(channel_filter_ref.at[batch, channel, tap], channel_valid, acc_dtype)
 
-        def spatial_tap(rows, cols, valid, t):
-            return _load(spatial_filter_ref.at[batch, rows, cols, head, t], valid, acc_dtype)
+        def spatial_tap(rows, cols, valid, tap):
+            return _load(spatial_filter_ref.at[batch, rows, cols, head, tap], valid, acc_dtype)
 
         # dx, one stride phase at a time: loop over the phase's tap rows.
         for phase_row in range(stride):
@@ -303,16 +303,16 @@ def ddf_bwd_kernel(
                 rows, cols = _phase_taps(config, phase_row, phase_col)
                 first, step, count, row_step, row_step_delta = rows
 
-                def phase_row_step(m, acc):
-                    ky = first + m * step
-                    src_row, row_valid = _inside(row + row_step - m * row_step_delta, out_h)
+                def phase_row_step(index, acc):
+                    ky = first + index * step
+                    src_row, row_valid = _inside(row + row_step - index * row_step_delta, out_h)
                     for kx, col_step in cols:
-                        t = ky * k + kx
+                        tap = ky * k + kx
                         src_col, col_valid = _inside(col + col_step, out_w)
                         valid = pixel_valid & row_valid & col_valid
                         grad_tap = load_tile(grad_out_ref, src_row, src_col, valid)
-                        spatial = spatial_tap(src_row, src_col, valid, t)
-                        acc += grad_tap * _tap_weight(spatial, channel_tap(t), config.combine)
+                        spatial = spatial_tap(src_row, src_col, valid, tap)
+                        acc += grad_tap * _tap_weight(spatial, channel_tap(tap), config.combine)
                     return acc
 
                 acc = jnp.zeros((block_pixels, block_channels), acc_dtype)
@@ -333,17 +333,18 @@ def ddf_bwd_kernel(
             in_row, row_valid = _inside(row * stride + (ky - r) * d, height)
             row_parts = jnp.zeros((block_pixels, tap_cols.shape[0]), acc_dtype)
             for kx in range(k):
-                t = ky * k + kx
+                tap = ky * k + kx
                 in_col, col_valid = _inside(col * stride + (kx - r) * d, width)
                 grad_x = grad * load_tile(x_ref, in_row, in_col, pixel_valid & row_valid & col_valid)
                 if config.combine == "mul":
-                    d_spatial_part = jnp.sum(grad_x * channel_tap(t)[None, :], axis=1)
-                    d_channel_part = jnp.sum(grad_x * spatial_tap(row, col, pixel_valid, t)[:, None], axis=0)
+                    spatial = spatial_tap(row, col, pixel_valid, tap)
+                    d_spatial_part = jnp.sum(grad_x * channel_tap(tap)[None, :], axis=1)
+                    d_channel_part = jnp.sum(grad_x * spatial[:, None], axis=0)
                 else:
                     d_spatial_part = jnp.sum(grad_x, axis=1)
                     d_channel_part = jnp.sum(grad_x, axis=0)
                 pltriton.store(
-                    d_channel_filter_partial_ref.at[batch, pixel_tile, t, channel],
+                    d_channel_filter_partial_ref.at[batch, pixel_tile, tap, channel],
                     d_channel_part,
                     mask=channel_valid,
                 )
