@@ -186,9 +186,14 @@ def ddf_fwd_kernel(
     acc_dtype = accumulation_dtype(x_ref.dtype, channel_filter_ref.dtype, spatial_filter_ref.dtype)
     batch = pl.program_id(2)
     row, col, pixel_valid = _pixel_tile(pl.program_id(0), block_pixels, out_w, out_h * out_w)
-    channel = _channel_tile(pl.program_id(1) * block_channels, block_channels)
+    channel_start = pl.program_id(1) * block_channels
+    channel = _channel_tile(channel_start, block_channels)
     channel_valid = channel < channels
-    head = _div(channel, channels // heads)
+    group = channels // heads
+    # One head for the whole channel tile: the spatial filter is then a (BP,)
+    # vector per tap instead of a (BP, BC) gather.
+    one_head_per_tile = heads == 1 or group % block_channels == 0
+    head = channel_start // group if one_head_per_tile else _div(channel, group)
 
     k, r, d = config.kernel_size, config.radius, config.dilation
 
@@ -204,8 +209,8 @@ def ddf_fwd_kernel(
                 acc_dtype,
             )
             channel_tap = _load(channel_filter_ref.at[batch, channel, tap], channel_valid, acc_dtype)
-            if heads == 1:
-                spatial_tap = _load(spatial_filter_ref.at[batch, row, col, 0, tap], pixel_valid, acc_dtype)
+            if one_head_per_tile:
+                spatial_tap = _load(spatial_filter_ref.at[batch, row, col, head, tap], pixel_valid, acc_dtype)
                 weight = _tap_weight(spatial_tap, channel_tap, config.combine)
             else:
                 spatial_tap = _load(

@@ -77,6 +77,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_tile(image, pixel_offset, pixel_valid, channel, channel_valid, ACC: tl.constexpr):
+    """The (BLOCK_P, BLOCK_C) tile at element offsets pixel_offset (pixel * C) + channel, masked, as ACC."""
+    return tl.load(
+        image + (pixel_offset[:, None] + channel[None, :]),
+        mask=pixel_valid[:, None] & channel_valid[None, :],
+        other=0.0,
+    ).to(ACC)
+
+
+@triton.jit
 def ddf_fwd_kernel(
     x_ptr,
     channel_filter_ptr,
@@ -142,11 +152,7 @@ def ddf_fwd_kernel(
             in_col = out_col * STRIDE + (kx - RADIUS) * DILATION
             valid = row_valid & (in_col >= 0) & (in_col < W)
             x_offset = (in_row * W + in_col).to(INDEX) * C
-            x_tap = tl.load(
-                x_image + (x_offset[:, None] + channel[None, :]),
-                mask=valid[:, None] & channel_valid[None, :],
-                other=0.0,
-            ).to(ACC)
+            x_tap = _load_tile(x_image, x_offset, valid, channel, channel_valid, ACC)
             channel_tap = tl.load(
                 channel_filter_image + (channel * TAPS + tap), mask=channel_valid, other=0.0
             ).to(ACC)
@@ -250,11 +256,7 @@ def ddf_bwd_kernel(
                                 src_col = out_col + (phase_col - (kx - RADIUS) * DILATION) // STRIDE
                                 valid = row_valid & (src_col >= 0) & (src_col < OUT_W)
                                 src = (src_row * OUT_W + src_col).to(INDEX)
-                                grad_tap = tl.load(
-                                    grad_image + (src[:, None] * C + channel[None, :]),
-                                    mask=valid[:, None] & channel_valid[None, :],
-                                    other=0.0,
-                                ).to(ACC)
+                                grad_tap = _load_tile(grad_image, src * C, valid, channel, channel_valid, ACC)
                                 channel_tap = tl.load(
                                     channel_filter_image + (channel * TAPS + tap),
                                     mask=channel_valid,
@@ -278,11 +280,7 @@ def ddf_bwd_kernel(
                 )
 
         # d_spatial_filter and the d_channel_filter partials.
-        grad = tl.load(
-            grad_image + (pixel_index[:, None] * C + channel[None, :]),
-            mask=pixel_valid[:, None] & channel_valid[None, :],
-            other=0.0,
-        ).to(ACC)
+        grad = _load_tile(grad_image, pixel_index * C, pixel_valid, channel, channel_valid, ACC)
         for ky in range(KERNEL_SIZE):
             in_row = out_row * STRIDE + (ky - RADIUS) * DILATION
             row_valid = pixel_valid & (in_row >= 0) & (in_row < H)
@@ -292,12 +290,7 @@ def ddf_bwd_kernel(
                 in_col = out_col * STRIDE + (kx - RADIUS) * DILATION
                 valid = row_valid & (in_col >= 0) & (in_col < W)
                 x_offset = (in_row * W + in_col).to(INDEX) * C
-                x_tap = tl.load(
-                    x_image + (x_offset[:, None] + channel[None, :]),
-                    mask=valid[:, None] & channel_valid[None, :],
-                    other=0.0,
-                ).to(ACC)
-                grad_x = grad * x_tap
+                grad_x = grad * _load_tile(x_image, x_offset, valid, channel, channel_valid, ACC)
                 if MUL:
                     channel_tap = tl.load(
                         channel_filter_image + (channel * TAPS + tap), mask=channel_valid, other=0.0

@@ -25,7 +25,7 @@ from jax.test_util import check_grads
 import ddf_jax
 from ddf_jax.kernels import DDFConfig, ImplementationUnavailable, pallas_triton
 from ddf_jax.kernels.common import LaunchConfig
-from experiments.kernel_report import TRITON_TARGET, export_for_cuda
+from experiments.kernel_report import TRITON_TARGET, cuda_export_error, export_for_cuda
 from tests.reference import ddf_reference
 from tests.utils import random_ddf_inputs as random_inputs
 
@@ -48,6 +48,7 @@ CASES = [
     (1, 11, 9, 12, 3, 2, 2, 2, "add"),
     (1, 9, 11, 20, 3, 3, 3, 4, "mul"),
     (1, 11, 9, 20, 5, 2, 1, 2, "mul"),
+    (1, 9, 7, 16, 3, 1, 1, 2, "mul"),  # 8 channels per head: one head per forward channel tile
 ]
 # Larger k compiles slowly in interpret mode: forward only in the fast set.
 FORWARD_ONLY_CASES = [
@@ -320,22 +321,9 @@ def test_unsupported_platform_raises_instead_of_interpreting(platform):
 
 def _skip_unless_cuda_export_works():
     """Skips the caller when this jax cannot lower a trivial Triton kernel for CUDA here."""
-    from jax.experimental import pallas as pl
-
-    def add_one_kernel(x_ref, o_ref):
-        o_ref[...] = x_ref[...] + 1
-
-    def probe(x):
-        return pl.pallas_call(
-            add_one_kernel,
-            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-            compiler_params=pallas_triton.pltriton.CompilerParams(num_warps=4, num_stages=1),
-        )(x)
-
-    try:
-        export_for_cuda(probe, jax.ShapeDtypeStruct((16,), jnp.float32))
-    except Exception as error:  # noqa: BLE001 - any failure of the probe means "cannot here"
-        pytest.skip(f"jax {jax.__version__} cannot export a Triton kernel for CUDA here: {error!r}")
+    reason = cuda_export_error()
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ share, the read-only table lookup (this device's entry, another device, an
 empty table that never asks for the device, a broken file), that a table
 entry reaches both implementations' launches, and the parts of
 `experiments/autotune.py` that run without a GPU: its command line, its
-candidates and its table writer.
+candidates, its search (on interpreted kernels) and its table writer.
 """
 
+import argparse
 import json
 import pathlib
 import tomllib
@@ -206,3 +207,32 @@ def test_autotune_writes_a_table_the_lookup_reads(table):
     devices = tuning.read_table(path)
     assert set(devices) == {"Another GPU", jax.devices()[0].device_kind} and len(devices["Another GPU"]) == 1
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_autotune_search_on_interpreted_kernels(monkeypatch, table):
+    """The search itself, on the CPU: Pallas kernels in interpret mode stand in for compiled ones.
+
+    Timings of interpreted kernels mean nothing, so only the mechanics are
+    checked: every candidate is compiled, compared with "xla" and timed, and
+    an entry holds the launches of candidates or the heuristic.
+    """
+    def interpreted_kernel(implementation, role, problem, blocks):
+        options = dict(block_sizes=blocks, interpret=True)
+        if role == "forward":
+            return jax.jit(lambda x, cf, sf, g: pallas_triton.forward(x, cf, sf, problem.config, **options))
+        return jax.jit(lambda x, cf, sf, g: pallas_triton.backward(x, cf, sf, g, problem.config, **options))
+
+    monkeypatch.setattr(autotune, "kernel_function", interpreted_kernel)
+    problem = autotune.Problem(1, 9, 7, 16, 3, "float32")
+    args = argparse.Namespace(max_candidates=2, calls=2, repeats=1, min_gain=-1.0)
+    logged = []
+    entry = autotune.tune("pallas_triton", problem, args, deadline=float("inf"), log=logged.append)
+    assert sum(" ms" in line for line in logged) == 4, logged  # 2 kernels x 2 candidates timed
+    assert not any("wrong" in line or "failed" in line for line in logged), logged
+    for role in tuning.ROLES:
+        tried = {getattr(b, role) for b in autotune.candidates("pallas_triton", problem, role, 2)}
+        assert LaunchConfig(*entry[role]) in tried
+    path = table({})
+    key = tuning.shape_class("pallas_triton", problem.dtype, problem.c, 1, 9)
+    autotune.write_table(path, {key: entry})
+    assert tuning.lookup(key) == {role: list(entry[role]) for role in tuning.ROLES}
