@@ -58,9 +58,13 @@ def shape_class(implementation: str, dtype, channels: int, heads: int, taps: int
 def read_table(path: pathlib.Path) -> dict:
     """{device kind: {shape class: {"forward": [4 ints], "backward": [4 ints]}}} from a table file.
 
+    A missing file is an empty table (every call then takes the heuristic).
+
     Raises:
         ValueError: the file is not a format-1 table (the message names the file).
     """
+    if not pathlib.Path(path).exists():
+        return {}
     try:
         data = json.loads(pathlib.Path(path).read_text())
         if data.get("format_version") != FORMAT_VERSION:

@@ -153,6 +153,10 @@ def test_empty_table_never_asks_for_the_device(table, monkeypatch):
     assert tuning.lookup(("pallas_triton", 16, 256, 256, 9)) is None
 
 
+def test_missing_table_is_empty(tmp_path):
+    assert tuning.lookup(("pallas_triton", 16, 256, 256, 9), tmp_path / "absent.json") is None
+
+
 def test_broken_table_is_an_error_that_names_the_file(table):
     path = table({})
     path.write_text('{"format_version": 1, "devices": {"x": {"entries": [{"implementation": 3}]}}}')
