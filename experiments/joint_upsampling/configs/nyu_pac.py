@@ -36,10 +36,11 @@ What is and is not comparable with them:
 * Bicubic and the guided filter are ours. The guided filter's radius and eps
   are tuned on 16 evenly spaced frames of the training split (never on the
   test split), with the same protocol and metric.
-* The networks are not the papers': `plain_net` and `ddf_up_net` have about
-  0.1 M parameters and train here for 2,000 steps of 8 random 256 x 256 crops
-  (16 epochs of the training split) with Adam, where PAC trains for 5,000
-  epochs on a GPU. Their numbers measure this budget, not the methods' best.
+* The networks are not the papers': `plain_net` and `ddf_up_net` have 37 k
+  (x4) to 112 k (x16) parameters and train here for 2,000 Adam steps of 8
+  random 256 x 256 crops (16,000 crops, 16 per training frame), where PAC's
+  recipe runs 5,000 epochs over the training frames on a GPU. Their numbers
+  would measure this budget, not the methods' best.
 
 Status: this config has not been run on the real file here (it is not
 available on this machine). The whole path -- the real layout, keys, dtypes,
