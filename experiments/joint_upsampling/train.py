@@ -264,7 +264,7 @@ def train_model(
     rows = sharding.process_slice(entry.batch_size)  # This process's rows of each global batch.
     validation = input_pipeline.validation_batches(config, scale, entry.crop_size, entry.batch_size, rows)
 
-    def evaluate(step: int) -> dict[str, float]:
+    def validate(step: int) -> dict[str, float]:
         totals: dict[str, float] = {}
         for batch in validation:
             sums = jax.device_get(trainer.eval_step(sharding.shard_batch(batch, mesh)))
@@ -291,7 +291,7 @@ def train_model(
             resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
-            evaluate=evaluate if validation else None,
+            evaluate=validate if validation else None,
             eval_every_steps=config.eval_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,
             log_every_steps=config.log_every_steps,
@@ -302,7 +302,7 @@ def train_model(
         )
     checkpointer.close()
     if result.finished and result.last_eval is None and validation:
-        result.last_eval = evaluate(result.step)  # Resumed at the final step.
+        result.last_eval = validate(result.step)  # Resumed at the final step.
     last_eval = result.last_eval or {}
     row = {
         "model": model_name,
