@@ -1,7 +1,8 @@
 """Argument checks shared by the op, the layers and the models.
 
 Each raises TypeError or ValueError naming the argument and giving the
-expected and the actual value.
+expected and the actual value. The `implementation` argument has its one check
+beside the op, in `ddf_jax.ops.check_implementation`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 
-from ddf_jax.kernels import COMBINES, IMPLEMENTATIONS
+from ddf_jax.kernels import COMBINES
 
 
 def check_int(value, name: str, minimum: int = 1) -> int:
@@ -36,9 +37,3 @@ def check_combine(combine) -> str:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     return combine
 
-
-def check_implementation(implementation):
-    """Returns `implementation` if it is None or one of `IMPLEMENTATIONS`."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    return implementation

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddf_jax import ops
-from ddf_jax._checks import check_combine, check_implementation, check_int, check_odd
+from ddf_jax._checks import check_combine, check_int, check_odd
 
 Array = jax.Array
 Dtype = Any
@@ -80,11 +80,6 @@ def _mid_features(in_features: int, se_ratio) -> int:
             f"got int({se_ratio} * {in_features}) = {mid}"
         )
     return mid
-
-
-def _check_implementation(implementation, ddf_op) -> Optional[str]:
-    # An injected op may accept other names; only the library op is checked here.
-    return check_implementation(implementation) if ddf_op is ops.ddf else implementation
 
 
 def _check_input(x, name: str, features: int, argument: str = "in_features") -> None:
@@ -455,7 +450,7 @@ class ChannelBranch(nnx.Module):
 class DDF(nnx.Module):
     """Decoupled dynamic filter layer (the official ``DDFPack``), NHWC.
 
-    ``ddf_op(x, channel_branch(x), spatial_branch(x), ...)``: a k x k depthwise
+    ``ddf_jax.ddf(x, channel_branch(x), spatial_branch(x), ...)``: a k x k depthwise
     filtering whose filter at pixel (i, j), channel c is
     ``comb(spatial[i, j, head(c)], channel[c])`` (product for "mul", sum for
     "add"); no bias. Output pixel (i, j) is centred on input (i*s, j*s), and
@@ -495,8 +490,7 @@ class DDF(nnx.Module):
         nonlinearity: str = "relu",
         dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32,
-        implementation: Optional[str] = None,
-        ddf_op: Callable[..., Array] = ops.ddf,
+        implementation: ops.Implementation = None,
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = default_bias_init,
         scale_init: Optional[Initializer] = None,
@@ -518,11 +512,10 @@ class DDF(nnx.Module):
             dtype: compute dtype, e.g. jnp.bfloat16 (None: inferred from the
                 input and the parameters). The output has this dtype.
             param_dtype: parameter dtype.
-            implementation: passed to `ddf_op` ("xla", "pallas_triton",
-                "jax_triton", or None for the platform default).
-            ddf_op: the op, called as ``ddf_op(x, channel_filter,
-                spatial_filter, kernel_size=, stride=, dilation=, combine=,
-                implementation=)``; default `ddf_jax.ddf`.
+            implementation: how `ddf_jax.ddf` computes the filtering: "xla",
+                "pallas_triton", "jax_triton", None for the platform default,
+                or an op ``op(x, channel_filter, spatial_filter, config)``
+                (e.g. a stand-in in a test); see `ddf_jax.ddf`.
             kernel_init: initializer of every conv and dense kernel.
             bias_init: initializer of every conv and dense bias.
             scale_init: initializer of the channel FilterNorm scale (default
@@ -541,8 +534,7 @@ class DDF(nnx.Module):
         _gain(nonlinearity)
         self.nonlinearity = nonlinearity
         self.dtype = dtype
-        self.implementation = _check_implementation(implementation, ddf_op)
-        self.ddf_op = ddf_op
+        self.implementation = ops.check_implementation(implementation)
         self.spatial_branch = SpatialBranch(
             self.in_features,
             self.kernel_size,
@@ -582,7 +574,7 @@ class DDF(nnx.Module):
             x = jnp.asarray(x, self.dtype)
         channel_filter = self.channel_branch(x)
         spatial_filter = self.spatial_branch(x)
-        return self.ddf_op(
+        return ops.ddf(
             x,
             channel_filter,
             spatial_filter,
@@ -642,8 +634,7 @@ class DDFUp(nnx.Module):
         guide_features: Optional[int] = None,
         dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32,
-        implementation: Optional[str] = None,
-        ddf_op: Callable[..., Array] = ops.ddf,
+        implementation: ops.Implementation = None,
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = default_bias_init,
         scale_init: Optional[Initializer] = None,
@@ -666,8 +657,8 @@ class DDFUp(nnx.Module):
             guide_features: channels of the guide image; None for no guide.
             dtype: compute dtype (None: inferred from the input and parameters).
             param_dtype: parameter dtype.
-            implementation: passed to `ddf_op`.
-            ddf_op: the op; see `DDF`.
+            implementation: how `ddf_jax.ddf` computes the filtering; see
+                `DDF`.
             kernel_init: initializer of every conv and dense kernel.
             bias_init: initializer of every conv and dense bias.
             scale_init: initializer of the channel FilterNorm scales.
@@ -692,8 +683,7 @@ class DDFUp(nnx.Module):
         self.dw_kernel_size = dw_kernel_size
         self.guide_features = guide_features
         self.dtype = dtype
-        self.implementation = _check_implementation(implementation, ddf_op)
-        self.ddf_op = ddf_op
+        self.implementation = ops.check_implementation(implementation)
         common = dict(
             dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs
         )
@@ -764,7 +754,7 @@ class DDFUp(nnx.Module):
         outs = []
         for spatial_branch, channel_branch in zip(self.spatial_branches, self.channel_branches):
             outs.append(
-                self.ddf_op(
+                ops.ddf(
                     x,
                     channel_branch(x),
                     spatial_branch(source),

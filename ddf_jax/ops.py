@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from ddf_jax._checks import check_combine, check_implementation, check_int, check_odd
-from ddf_jax.kernels import DDFConfig, get_op
+from ddf_jax._checks import check_combine, check_int, check_odd
+from ddf_jax.kernels import IMPLEMENTATIONS, DDFConfig, get_op
+
+# What `implementation=` accepts, in `ddf` and in every layer and model: None
+# (the platform default), a name from `IMPLEMENTATIONS`, or an op with the
+# implementations' contract, ``op(x, channel_filter, spatial_filter, config)``
+# (spatial_filter always 5-D, config a `DDFConfig`; see `ddf_jax.kernels`).
+Implementation = Union[None, str, Callable[[jax.Array, jax.Array, jax.Array, DDFConfig], jax.Array]]
 
 # The implementation used when `implementation=None`. A GPU kernel becomes the
 # GPU default only after its tests have passed on a real GPU and BENCHMARKS.md
@@ -23,7 +29,41 @@ def default_implementation(platform: Optional[str] = None) -> str:
     return DEFAULT_IMPLEMENTATION.get(platform, "xla")
 
 
+def check_implementation(implementation: Implementation) -> Implementation:
+    """Returns `implementation` if `ddf` accepts it; the one check of the argument.
+
+    Args:
+        implementation: None, a name from `IMPLEMENTATIONS` ("xla",
+            "pallas_triton", "jax_triton"), or a callable op
+            ``op(x, channel_filter, spatial_filter, config)``.
+
+    Returns:
+        `implementation`, unchanged.
+
+    Raises:
+        ValueError: a string that is not an implementation name.
+        TypeError: neither None, a string nor a callable.
+    """
+    if implementation is None or callable(implementation):
+        return implementation
+    if isinstance(implementation, str):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, None or an op, got {implementation!r}"
+            )
+        return implementation
+    raise TypeError(
+        f"implementation must be one of {IMPLEMENTATIONS}, None or an op "
+        f"op(x, channel_filter, spatial_filter, config), got {implementation!r} of type "
+        f"{type(implementation).__name__}"
+    )
+
+
 def _check_float(array, name: str) -> None:
+    if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+        raise TypeError(
+            f"{name} must be an array (jax.Array or numpy.ndarray), got {type(array).__name__}"
+        )
     dtype = jnp.result_type(array)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
@@ -105,7 +145,7 @@ def ddf(
     stride: int = 1,
     dilation: int = 1,
     combine: str = "mul",
-    implementation: Optional[str] = None,
+    implementation: Implementation = None,
 ) -> jax.Array:
     """Decoupled dynamic filtering: a depthwise conv whose filter varies per pixel and channel.
 
@@ -128,8 +168,12 @@ def ddf(
         stride: s >= 1.
         dilation: d >= 1.
         combine: "mul" or "add".
-        implementation: "xla", "pallas_triton", "jax_triton", or None for the
-            default of the current backend (see `default_implementation`).
+        implementation: "xla", "pallas_triton", "jax_triton", None for the
+            default of the current backend (see `default_implementation`), or
+            an op called as ``op(x, channel_filter, spatial_filter, config)``
+            with the arguments checked here, spatial_filter 5-D and config the
+            `ddf_jax.kernels.DDFConfig` (e.g. a stand-in in a test). Eager
+            calls compile once per op object.
 
     Returns:
         (N, Ho, Wo, C) in x's dtype. Accumulation is float32 (float64 for
@@ -138,7 +182,8 @@ def ddf(
     Raises:
         ValueError: bad kernel_size, stride, dilation, combine, implementation
             or shapes.
-        TypeError: non-integer static arguments or non-floating arrays.
+        TypeError: non-integer static arguments, non-floating arrays, or an
+            implementation that is neither None, a name nor a callable.
         ddf_jax.kernels.ImplementationUnavailable: the implementation cannot
             run on this platform.
 
@@ -151,20 +196,26 @@ def ddf(
         (2, 5, 4, 8)
     """
     config = make_config(kernel_size, stride, dilation, combine)
+    check_implementation(implementation)
     for array, name in ((x, "x"), (channel_filter, "channel_filter"), (spatial_filter, "spatial_filter")):
         _check_float(array, name)
     spatial_filter_5d = _canonical_filters(x, channel_filter, spatial_filter, config)
-    if check_implementation(implementation) is None:
+    if implementation is None:
         implementation = default_implementation()
     platform = jax.default_backend()
     args = (x, channel_filter, spatial_filter_5d)
     if any(isinstance(a, jax.core.Tracer) for a in args):
         # Already inside a transformation: let the caller's jit see the op itself.
-        return get_op(implementation, platform)(*args, config)
+        return _resolve(implementation, platform)(*args, config)
     return _apply_jitted(*args, config, implementation, platform)
 
 
+def _resolve(implementation, platform: str):
+    """The op for a checked, non-None `implementation`."""
+    return implementation if callable(implementation) else get_op(implementation, platform)
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _apply_jitted(x, channel_filter, spatial_filter, config: DDFConfig, implementation: str, platform: str):
+def _apply_jitted(x, channel_filter, spatial_filter, config: DDFConfig, implementation, platform: str):
     """Eager calls: compiled once per shape instead of dispatched op by op."""
-    return get_op(implementation, platform)(x, channel_filter, spatial_filter, config)
+    return _resolve(implementation, platform)(x, channel_filter, spatial_filter, config)

@@ -346,13 +346,18 @@ def test_bfloat16_forward_is_close_to_float32():
     np.testing.assert_allclose(np.asarray(low, np.float32), reference, atol=tolerance)
 
 
-def test_implementation_is_passed_to_every_ddf_layer():
+@pytest.mark.parametrize("implementation", ["xla", ddf_jax.kernels.get_op("xla", "cpu")], ids=["name", "op"])
+def test_implementation_is_passed_to_every_ddf_layer(implementation):
     model = nnx.eval_shape(
-        lambda: models.create_model("ddf_add_resnet20_cifar", implementation="xla", rngs=nnx.Rngs(0))
+        lambda: models.create_model("ddf_add_resnet20_cifar", implementation=implementation, rngs=nnx.Rngs(0))
     )
     layers = [block.conv2 for stage in model.stages for block in stage]
-    assert len(layers) == 6 and all(isinstance(layer, DDF) and layer.implementation == "xla" for layer in layers)
-    with pytest.raises(ValueError, match="implementation must be one of"):
+    assert len(layers) == 6
+    assert all(isinstance(layer, DDF) and layer.implementation is implementation for layer in layers)
+
+
+def test_bad_implementation_fails_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"implementation must be one of \('xla', .*\), None or an op, got 'cuda'"):
         models.create_model("ddf_add_resnet20_cifar", implementation="cuda", rngs=nnx.Rngs(0))
 
 

@@ -1,4 +1,4 @@
-"""Tests of the NNX layers (ddf_jax.nn), their Linen wrappers and count_params.
+"""Tests of the NNX layers (ddf_jax.nn), their Linen versions and count_params.
 
 The module-level reference below is an independent float64 NumPy forward of the
 official modules (FilterNorm with the official formula, 1x1 / depthwise convs,
@@ -6,7 +6,9 @@ the channel MLP, and the loop reference of the op from tests/reference.py),
 fed with the parameters read from the NNX modules.
 """
 
+import dataclasses
 import doctest
+import inspect
 import math
 
 import chex
@@ -24,6 +26,7 @@ import ddf_jax
 import ddf_jax.linen
 import ddf_jax.nn
 import ddf_jax.utils
+from ddf_jax.kernels import DDFConfig, get_op
 from ddf_jax.nn import DDF, ChannelBranch, DDFUp, FilterNorm, SpatialBranch, standardize_filters
 from tests.reference import ddf_reference
 
@@ -421,7 +424,7 @@ def test_jit_grad_and_split_merge():
 
     graphdef, state = nnx.split(layer)
     restored = nnx.merge(graphdef, state)
-    assert restored.ddf_op is ddf_jax.ddf and restored.stride == 2 and restored.heads == 3
+    assert restored.implementation is None and restored.stride == 2 and restored.heads == 3
     functional = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
     chex.assert_trees_all_close(functional, eager, rtol=1e-5, atol=1e-6)
 
@@ -444,12 +447,21 @@ def test_ddf_float64_gradients():
         check_grads(apply, (state, x), order=1, modes=("rev",), eps=1e-5)
 
 
-def test_ddf_up_grad():
-    layer = _random_module(DDFUp, 6, 2, heads=2, guide_features=2, se_ratio=1.0)
-    x, guide = _normal(1, (2, 4, 3, 6)), _normal(2, (2, 4, 3, 2))
-    for path, leaf in nnx.to_flat_state(_param_grads(layer, x, guide)):
-        value = np.asarray(leaf[...])
-        assert np.isfinite(value).all() and np.abs(value).max() > 0, path
+@pytest.mark.parametrize("guide_features", [None, 2], ids=["plain", "guided"])
+def test_ddf_up_float64_gradients(guide_features):
+    """check_grads through the parameters (inputs fixed) and through x and the guide (parameters fixed)."""
+    with jax.enable_x64(True):
+        layer = _random_module(
+            DDFUp, 4, 2, heads=2, guide_features=guide_features, se_ratio=0.5, param_dtype=jnp.float64
+        )
+        graphdef, state = nnx.split(layer)
+        inputs = (_normal(1, (1, 3, 4, 4), jnp.float64),)
+        if guide_features is not None:
+            inputs += (_normal(2, (1, 3, 4, guide_features), jnp.float64),)
+        apply = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))
+        assert len(nnx.to_flat_state(state)) == 4 * (9 if guide_features is None else 7)
+        check_grads(lambda state: apply(state, *inputs), (state,), order=1, modes=("rev",), eps=1e-5)
+        check_grads(lambda *inputs: apply(state, *inputs), inputs, order=1, modes=("rev",), eps=1e-5)
 
 
 def test_data_parallel_pmap_and_sharded_jit():
@@ -504,42 +516,35 @@ def test_bfloat16_compute_with_float32_params():
 
 
 # ---------------------------------------------------------------------------
-# The injected op.
+# An op as the implementation.
 
 
-def test_injected_op_is_called_with_the_configuration():
+def test_an_op_as_implementation_is_called_with_the_configuration():
     calls = []
 
-    def spy(x, channel_filter, spatial_filter, **kwargs):
-        calls.append((x.shape, channel_filter.shape, spatial_filter.shape, kwargs))
+    def spy(x, channel_filter, spatial_filter, config):
+        calls.append((x.shape, channel_filter.shape, spatial_filter.shape, config))
         return jnp.full((x.shape[0], 3, 2, x.shape[3]), 7.0)
 
-    layer = _random_module(
-        DDF, 4, 5, stride=2, dilation=2, heads=2, combine="add", se_ratio=0.5, implementation="custom", ddf_op=spy
-    )
+    layer = _random_module(DDF, 4, 5, stride=2, dilation=2, heads=2, combine="add", se_ratio=0.5, implementation=spy)
+    assert layer.implementation is spy
     out = _call(layer, _normal(0, (2, 6, 4, 4)))  # the spy records while jit traces
     np.testing.assert_array_equal(np.asarray(out), 7.0)
-    assert calls == [
-        (
-            (2, 6, 4, 4),
-            (2, 4, 25),
-            (2, 3, 2, 2, 25),
-            dict(kernel_size=5, stride=2, dilation=2, combine="add", implementation="custom"),
-        )
-    ]
+    assert calls == [((2, 6, 4, 4), (2, 4, 25), (2, 3, 2, 2, 25), DDFConfig(5, 2, 2, "add"))]
 
     recorded = []
+    xla = get_op("xla", jax.default_backend())
 
-    def passthrough(*args, **kwargs):
-        recorded.append(kwargs["implementation"])
-        return ddf_jax.ddf(*args, **kwargs)
+    def passthrough(*args):
+        recorded.append(args[3])
+        return xla(*args)
 
-    up = _random_module(DDFUp, 6, 2, se_ratio=0.5, implementation="xla", ddf_op=passthrough)
+    up = _random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5, implementation=passthrough)
     x = _normal(1, (2, 5, 4, 6))
     graphdef, state = nnx.split(up)
-    default_op = nnx.merge(nnx.graphdef(_random_module(DDFUp, 6, 2, se_ratio=0.5, implementation="xla")), state)
-    chex.assert_trees_all_close(_call(up, x), _call(default_op, x), rtol=0, atol=0)
-    assert recorded == ["xla"] * 4
+    by_name = nnx.merge(nnx.graphdef(_random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5)), state)
+    chex.assert_trees_all_close(_call(up, x), _call(by_name, x), rtol=0, atol=0)
+    assert recorded == [DDFConfig(3, 1, 2, "mul")] * 4
 
 
 # ---------------------------------------------------------------------------
@@ -560,7 +565,9 @@ def test_injected_op_is_called_with_the_configuration():
         (lambda r: DDF(8, stride=0, rngs=r), ValueError, "stride must be >= 1"),
         (lambda r: DDF(8, dilation=0, rngs=r), ValueError, "dilation"),
         (lambda r: DDF(8, combine="sum", rngs=r), ValueError, "combine"),
-        (lambda r: DDF(8, implementation="cuda", rngs=r), ValueError, "implementation"),
+        (lambda r: DDF(8, implementation="cuda", rngs=r), ValueError, "implementation must be one of .* 'cuda'"),
+        (lambda r: DDF(8, implementation=3, rngs=r), TypeError, "implementation must be one of .* type int"),
+        (lambda r: DDFUp(8, implementation="XLA", rngs=r), ValueError, "implementation must be one of .* 'XLA'"),
         (lambda r: DDF(0, rngs=r), ValueError, "in_features"),
         (lambda r: DDFUp(8, scale=0, rngs=r), ValueError, "scale must be >= 1"),
         (lambda r: DDFUp(8, dw_kernel_size=1, rngs=r), ValueError, "dw_kernel_size must be >= 3"),
@@ -599,7 +606,7 @@ def test_call_errors():
 
 
 # ---------------------------------------------------------------------------
-# Linen wrappers and count_params.
+# Linen layers and count_params.
 
 
 # Linen init draws one key per parameter; the "unsafe_rbg" PRNG compiles much
@@ -608,47 +615,107 @@ def _linen_key(seed):
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
-def test_linen_wrappers_match_nnx():
+@pytest.mark.parametrize("linen_cls, nnx_cls", [(ddf_jax.linen.DDF, DDF), (ddf_jax.linen.DDFUp, DDFUp)])
+def test_linen_fields_are_the_nnx_arguments_in_order(linen_cls, nnx_cls):
+    fields = [f for f in dataclasses.fields(linen_cls) if f.name not in ("parent", "name")]
+    arguments = [p for p in inspect.signature(nnx_cls.__init__).parameters.values() if p.name not in ("self", "rngs")]
+    assert [f.name for f in fields] == [p.name for p in arguments]
+    for field, argument in zip(fields, arguments):
+        expected = dataclasses.MISSING if argument.default is inspect.Parameter.empty else argument.default
+        assert field.default is expected or field.default == expected, field.name
+
+
+def _linen_params(nnx_module):
+    return {"params": nnx.to_pure_dict(nnx.state(nnx_module, nnx.Param))}
+
+
+@pytest.mark.parametrize("guide_features", [None, 3])
+def test_linen_layers_give_the_nnx_outputs_and_gradients(guide_features):
+    """The same (random, non-zero) parameters give the NNX layer's outputs and gradients; positional == keyword."""
     x = _normal(1, (2, 7, 5, 6))
-    layer = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)
-    variables = jax.jit(layer.init)(_linen_key(0), x)
-    module = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
-    nnx.update(module, variables["params"])
-    chex.assert_trees_all_close(jax.jit(layer.apply)(variables, x), _call(module, x), rtol=1e-6, atol=1e-6)
+    if guide_features is None:
+        positional = ddf_jax.linen.DDF(6, 3, 2, 1, 2, 0.5)
+        keyword = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)
+        module = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
+        inputs = (x,)
+    else:
+        positional = ddf_jax.linen.DDFUp(6, 2, 3, 1, 2, 0.5, "mul", "linear", 3, guide_features)
+        keyword = ddf_jax.linen.DDFUp(in_features=6, heads=2, se_ratio=0.5, guide_features=guide_features)
+        module = _random_module(DDFUp, 6, heads=2, se_ratio=0.5, guide_features=guide_features)
+        inputs = (x, _normal(2, (2, 7, 5, guide_features)))
+    assert positional == keyword
 
-    guide = _normal(2, (2, 7, 5, 3))
-    up = ddf_jax.linen.DDFUp(in_features=6, scale=2, guide_features=3, se_ratio=0.5)
-    up_variables = jax.jit(up.init)(_linen_key(1), x, guide)
-    up_module = _random_module(DDFUp, 6, 2, guide_features=3, se_ratio=0.5)
-    nnx.update(up_module, up_variables["params"])
-    chex.assert_trees_all_close(
-        jax.jit(up.apply)(up_variables, x, guide), _call(up_module, x, guide), rtol=1e-6, atol=1e-6
-    )
+    # Linen's init makes the NNX layer's parameter tree: names, shapes and dtypes.
+    params = _linen_params(module)
+    chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(keyword.init, _linen_key(0), *inputs), params)
+
+    # The NNX layer's parameters in Linen give its outputs and its gradients.
+    def linen_loss(params):
+        out = positional.apply(params, *inputs)
+        return jnp.sum(jnp.sin(out)), out
+
+    def nnx_loss(module):
+        out = module(*inputs)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(linen_loss, has_aux=True))(params)
+    (_, nnx_out), nnx_grads = nnx.jit(nnx.value_and_grad(nnx_loss, has_aux=True))(module)
+    chex.assert_trees_all_close(out, nnx_out, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(grads["params"], nnx.to_pure_dict(nnx_grads), rtol=1e-5, atol=1e-6)
 
 
-def test_linen_model_init_apply_and_grad():
+def test_linen_model_init_apply_jit_and_grad():
     class Model(linen.Module):
         @linen.compact
         def __call__(self, x):
-            y = linen.Conv(6, (3, 3))(x)
-            y = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)(y)
-            y = linen.relu(y)
-            return ddf_jax.linen.DDFUp(in_features=6, scale=2, se_ratio=0.5)(y)
+            y = linen.Conv(8, (3, 3))(x)
+            y = ddf_jax.linen.DDF(8)(y)
+            y = ddf_jax.linen.DDF(in_features=8, kernel_size=3, stride=2, heads=2, se_ratio=0.5)(linen.relu(y))
+            return ddf_jax.linen.DDFUp(8, 2)(y)
 
-    x = _normal(1, (2, 6, 4, 3))
+    x = _normal(1, (2, 6, 5, 3))
     model = Model()
     variables = jax.jit(model.init)(_linen_key(2), x)
+    params = variables["params"]
+    assert set(params) == {"Conv_0", "DDF_0", "DDF_1", "DDFUp_0"}
+    assert params["DDF_0"]["spatial_branch"]["conv"]["kernel"].shape == (1, 1, 8, 9)
+    assert params["DDFUp_0"]["spatial_branches"][3]["depthwise"]["kernel"].shape == (3, 3, 1, 8)
     expected_params = (
-        (3 * 3 * 3 * 6 + 6)
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(6, heads=2, se_ratio=0.5, rngs=nnx.Rngs(0))))
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDFUp(6, 2, se_ratio=0.5, rngs=nnx.Rngs(0))))
+        (3 * 3 * 3 * 8 + 8)
+        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(8, rngs=nnx.Rngs(0))))
+        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(8, heads=2, se_ratio=0.5, rngs=nnx.Rngs(0))))
+        + ddf_jax.count_params(nnx.eval_shape(lambda: DDFUp(8, 2, rngs=nnx.Rngs(0))))
     )
-    assert ddf_jax.count_params(variables["params"]) == expected_params
-    out = jax.jit(model.apply)(variables, x)
-    assert out.shape == (2, 6, 4, 6) and np.isfinite(np.asarray(out)).all()
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))))(variables["params"])
-    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.isfinite(np.asarray(leaf)).all() and np.abs(np.asarray(leaf)).max() > 0, path
+    assert ddf_jax.count_params(params) == expected_params
+
+    def loss(params, x):
+        out = model.apply({"params": params}, x)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, out), (grads, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    assert out.shape == (2, 6, 6, 8) and np.isfinite(np.asarray(out)).all()
+    assert np.isfinite(np.asarray(dx)).all() and np.abs(np.asarray(dx)).max() > 0
+    # Every gradient is finite and every layer gets one. (With 8 channels and se_ratio=0.2
+    # a channel MLP has one hidden ReLU unit; if it is inactive for the whole batch, that
+    # branch pair rightly gets a zero gradient. The test above compares every gradient
+    # with the NNX layer's.)
+    for name, layer_grads in grads.items():
+        leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(layer_grads)]
+        assert all(np.isfinite(leaf).all() for leaf in leaves), name
+        assert max(np.abs(leaf).max() for leaf in leaves) > 0, name
+
+
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (ddf_jax.linen.DDF(8, 4), "kernel_size must be odd"),
+        (ddf_jax.linen.DDF(8, implementation="cuda"), "implementation must be one of"),
+        (ddf_jax.linen.DDFUp(8, 0), "scale must be >= 1"),
+    ],
+)
+def test_linen_errors_name_the_field(layer, match):
+    with pytest.raises(ValueError, match=match):
+        layer.init(_linen_key(0), jnp.ones((1, 4, 4, 8)))
 
 
 def test_count_params_counts_only_params():

@@ -228,7 +228,12 @@ def _good():
         (dict(kernel_size=3, stride=0), ValueError, "stride must be >= 1, got 0"),
         (dict(kernel_size=3, dilation=0), ValueError, "dilation must be >= 1, got 0"),
         (dict(kernel_size=3, combine="sum"), ValueError, r"combine must be one of \('mul', 'add'\), got 'sum'"),
-        (dict(kernel_size=3, implementation="cuda"), ValueError, "implementation must be one of .* got 'cuda'"),
+        (
+            dict(kernel_size=3, implementation="cuda"),
+            ValueError,
+            r"implementation must be one of \('xla', 'pallas_triton', 'jax_triton'\), None or an op, got 'cuda'",
+        ),
+        (dict(kernel_size=3, implementation=3), TypeError, "implementation must be one of .* got 3 of type int"),
     ],
 )
 def test_bad_static_arguments(kwargs, exc, match):
@@ -259,6 +264,33 @@ def test_integer_dtypes_rejected():
         ddf_jax.ddf(x, cf.astype(jnp.int32), sf, kernel_size=3)
     with pytest.raises(TypeError, match="spatial_filter must have a floating dtype .* got bool"):
         ddf_jax.ddf(x, cf, sf > 0, kernel_size=3)
+
+
+def test_implementation_names_are_the_kernels_names():
+    from ddf_jax import kernels
+
+    assert ddf_jax.IMPLEMENTATIONS == kernels.IMPLEMENTATIONS == ("xla", "pallas_triton", "jax_triton")
+    for name in ddf_jax.IMPLEMENTATIONS + (None,):
+        assert ddf_jax.ops.check_implementation(name) == name
+
+
+def test_an_op_as_implementation_gets_the_checked_canonical_arguments():
+    """A callable `implementation` is called as op(x, channel_filter, spatial_filter 5-D, config)."""
+    from ddf_jax.kernels import DDFConfig, get_op
+
+    calls = []
+
+    def xla_spy(x, channel_filter, spatial_filter, config):
+        calls.append((x.shape, channel_filter.shape, spatial_filter.shape, config))
+        return get_op("xla", "cpu")(x, channel_filter, spatial_filter, config)
+
+    x, cf, sf = random_inputs(0, 2, 7, 5, 4, 3, stride=2)
+    kwargs = dict(kernel_size=3, stride=2, dilation=2, combine="add")
+    expected = ddf_jax.ddf(x, cf, sf, implementation="xla", **kwargs)
+    chex.assert_trees_all_equal(ddf_jax.ddf(x, cf, sf, implementation=xla_spy, **kwargs), expected)
+    jitted = jax.jit(lambda *a: ddf_jax.ddf(*a, implementation=xla_spy, **kwargs))
+    chex.assert_trees_all_equal(jitted(x, cf, sf), expected)
+    assert calls == [((2, 7, 5, 4), (2, 4, 9), (2, 4, 3, 1, 9), DDFConfig(3, 2, 2, "add"))] * 2
 
 
 def test_default_implementation_is_xla_until_gpu_kernels_are_verified():

@@ -132,35 +132,61 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _read_file(path: str, suffix: str) -> Mapping:
+    """The state dict stored in `path`; a file that cannot be read raises an error naming it."""
+    if suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as error:
+            raise ImportError("reading .safetensors files needs the `safetensors` package") from error
+        reader, kind = load_file, "a .safetensors file"
+    elif suffix == ".npz":
+
+        def reader(path):
+            with np.load(path, allow_pickle=False) as data:
+                return {key: data[key] for key in data.files}
+
+        kind = "an .npz archive"
+    else:
+        try:
+            import torch
+        except ImportError as error:
+            raise ImportError(
+                f"reading {suffix} checkpoints needs PyTorch; install torch, or convert the file to .npz "
+                "or .safetensors"
+            ) from error
+
+        def reader(path):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+        kind = "a PyTorch checkpoint"
+    try:
+        state = reader(path)
+    except Exception as error:  # noqa: BLE001 -- zipfile, numpy, torch and safetensors differ.
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ValueError(
+            f"checkpoint file {path!r} is not {kind} that can be read "
+            f"({os.path.getsize(path)} bytes; {type(error).__name__}: {detail})"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint file {path!r} must hold a mapping of arrays, got {type(state).__name__}")
+    return state
+
+
 def _read(source: Union[str, os.PathLike, Mapping]) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
         state = source
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         suffix = os.path.splitext(path)[1].lower()
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                state = {key: data[key] for key in data.files}
-        elif suffix == ".safetensors":
-            try:
-                from safetensors.numpy import load_file
-            except ImportError as error:
-                raise ImportError("reading .safetensors files needs the `safetensors` package") from error
-            state = load_file(path)
-        elif suffix in (".pth", ".pt", ".bin", ".tar", ".ckpt"):
-            try:
-                import torch
-            except ImportError as error:
-                raise ImportError(
-                    f"reading {suffix} checkpoints needs PyTorch; install torch, or convert the file to .npz "
-                    "or .safetensors"
-                ) from error
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
+        if suffix not in (".npz", ".safetensors", ".pth", ".pt", ".bin", ".tar", ".ckpt"):
             raise ValueError(
                 f"source must be a mapping or a path ending in .pth/.pt/.bin/.tar/.ckpt, .npz or .safetensors, "
                 f"got {path!r}"
             )
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+        state = _read_file(path, suffix)
     else:
         raise TypeError(
             f"source must be a mapping of arrays or a path, got {type(source).__name__}"
@@ -207,7 +233,10 @@ def load_official_checkpoint(model: nnx.Module, source: Union[str, os.PathLike, 
 
     Raises:
         ValueError: keys are missing, unexpected, or have the wrong shape; the
-            message names them (with expected and actual shapes).
+            message names them (with expected and actual shapes). Also a file
+            that cannot be read (truncated, empty, another format); the message
+            names it.
+        FileNotFoundError: the path does not exist.
         TypeError: `source` is neither a mapping nor a path.
         ImportError: a `.pth` file without torch, or `.safetensors` without
             safetensors.

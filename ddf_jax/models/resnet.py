@@ -30,7 +30,7 @@ Registered variants (see `ddf_jax.models.list_models()`):
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ from flax import nnx
 from ddf_jax._checks import check_int
 from ddf_jax.models.registry import register_model
 from ddf_jax.nn import DDF
+from ddf_jax.ops import Implementation
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("imagenet", "cifar")
@@ -176,7 +177,7 @@ class Bottleneck(nnx.Module):
         norm: _Norm,
         conv2: str = "conv",
         se_ratio: float = 0.2,
-        implementation: Optional[str] = None,
+        implementation: Implementation = None,
         zero_init_last: bool = True,
         dtype=None,
         param_dtype=jnp.float32,
@@ -245,7 +246,8 @@ class ResNet(nnx.Module):
         conv2: the bottleneck's 3x3 conv: "conv", "ddf_mul" or "ddf_add". DDF
             needs `block="bottleneck"`.
         se_ratio: DDF channel-branch squeeze ratio (hidden = int(se_ratio * C)).
-        implementation: passed to every DDF layer (None: the platform default).
+        implementation: passed to every DDF layer: a name, None (the platform
+            default) or an op; see `ddf_jax.ddf`.
         zero_init_last: zero-initialise the last BatchNorm scale of each block.
         bn_momentum: running-average decay (0.9 = PyTorch's momentum 0.1).
         bn_epsilon: BatchNorm epsilon (PyTorch's 1e-5).
@@ -282,7 +284,7 @@ class ResNet(nnx.Module):
         stem_width: int = 64,
         conv2: str = "conv",
         se_ratio: float = 0.2,
-        implementation: Optional[str] = None,
+        implementation: Implementation = None,
         zero_init_last: bool = True,
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-5,

@@ -35,13 +35,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import os
 import pickle
+import sys
 from typing import Any, Iterator, Optional, Sequence
 
 import grain.python as grain
 import numpy as np
+
+from experiments.common.errors import BadDataError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -493,6 +497,48 @@ def _scan_split(split_dir: str, classes: Optional[Sequence[str]] = None):
     return files, labels, list(classes)
 
 
+def check_image_files(files: Sequence[str], num_threads: int = 4) -> list[tuple[str, str]]:
+    """Opens and decodes every file (PIL, reduced-size JPEG decoding where possible).
+
+    Args:
+        files: Image paths.
+        num_threads: Files checked in parallel.
+
+    Returns:
+        `(path, reason)` for every file that fails, in the order of `files`.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def check(path: str) -> Optional[str]:
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still every byte.
+                image.load()
+        except Exception as err:  # noqa: BLE001 -- PIL raises many types for bad files.
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        reasons = list(pool.map(check, files))
+    return [(path, reason) for path, reason in zip(files, reasons) if reason is not None]
+
+
+def _raise_for_bad_images(files: Sequence[str], data_dir: str, num_threads: int) -> None:
+    bad = check_image_files(files, num_threads)
+    if not bad:
+        return
+    for path, reason in bad:
+        logging.error("cannot read image %s (%s)", path, reason)
+    shown = ", ".join(path for path, _ in bad[:5])
+    more = f" and {len(bad) - 5} more (all listed in the log above)" if len(bad) > 5 else ""
+    raise BadDataError(
+        f"{len(bad)} of {len(files)} image files under {data_dir} cannot be read: {shown}{more}. "
+        "Replace or delete them (or set config.check_images=False to skip this check)."
+    )
+
+
 def load_image_folder(
     data_dir: str,
     image_size: int = 224,
@@ -502,6 +548,8 @@ def load_image_folder(
     crop_pct: float = 0.875,
     min_scale: float = 0.08,
     name: str = "imagenet",
+    check_images: bool = True,
+    num_threads: int = 4,
 ) -> Dataset:
     """An ImageNet-style folder dataset: `data_dir/<split>/<class>/<image>`.
 
@@ -516,6 +564,9 @@ def load_image_folder(
         crop_pct: Evaluation centre-crop fraction (resize to image_size / crop_pct).
         min_scale: Smallest RandomResizedCrop area fraction.
         name: Dataset name for `DatasetInfo`.
+        check_images: Decode every file of both splits first (`check_image_files`),
+            so that a bad file stops the run before training, not mid-epoch.
+        num_threads: Threads for the check.
 
     Returns:
         A `Dataset` with uint8 (image_size, image_size, 3) images.
@@ -524,6 +575,8 @@ def load_image_folder(
         FileNotFoundError: `data_dir` or a split directory is missing.
         ValueError: The layout is wrong (no class directories, empty classes,
             evaluation classes unknown to training).
+        BadDataError: `check_images` found files that cannot be read (all are
+            logged; the message names the first five).
     """
     if not data_dir:
         raise ValueError("data_dir must name the image folder root (config.data_dir), got ''")
@@ -533,6 +586,8 @@ def load_image_folder(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     train_files, train_labels, classes = _scan_split(os.path.join(data_dir, train_split))
     eval_files, eval_labels, _ = _scan_split(os.path.join(data_dir, eval_split), classes)
+    if check_images:
+        _raise_for_bad_images(train_files + eval_files, data_dir, num_threads)
     info = DatasetInfo(
         name=name,
         num_classes=len(classes),
@@ -561,7 +616,8 @@ def get_dataset(config) -> Dataset:
 
     Args:
         config: The experiment config; reads `dataset`, `data_dir`, `image_size`,
-            `digits_max_shift`, `crop_padding`, `crop_pct`, `min_scale`.
+            `digits_max_shift`, `crop_padding`, `crop_pct`, `min_scale`,
+            `check_images`, `read_threads`.
     """
     if config.dataset == "digits":
         return load_digits(config.image_size, max_shift=config.digits_max_shift)
@@ -571,7 +627,8 @@ def get_dataset(config) -> Dataset:
         return load_cifar10(config.data_dir, crop_padding=config.crop_padding)
     if config.dataset == "imagenet":
         return load_image_folder(
-            config.data_dir, config.image_size, crop_pct=config.crop_pct, min_scale=config.min_scale
+            config.data_dir, config.image_size, crop_pct=config.crop_pct, min_scale=config.min_scale,
+            check_images=config.check_images, num_threads=config.read_threads,
         )
     raise ValueError(f"dataset must be one of {DATASETS}, got {config.dataset!r}")
 
@@ -579,12 +636,76 @@ def get_dataset(config) -> Dataset:
 # --------------------------------------------------------------------------- loaders
 
 
-def _shard_options(drop_remainder: bool):
-    import jax
+class ProcessShardSampler:
+    """This process's share of every global batch drawn from a sampler's record stream.
 
-    if jax.process_count() == 1:
-        return grain.NoSharding()
-    return grain.ShardByJaxProcess(drop_remainder=drop_remainder)
+    A grain sampler defines one global stream of records; the global batch `t` is
+    records `[t * B, (t + 1) * B)` of it (B = `global_batch_size`). Process `p` of `P`
+    reads rows `[p * b, (p + 1) * b)` of every global batch (b = B / P), so the
+    assembled global batch, and hence the whole run, is the same for any number of
+    processes. With `worker_count` grain workers, which batch within their own share,
+    the same holds batch for batch against one process with that many workers.
+
+    Local position `j` (worker `w = j % W`, batch `m` of that worker, row `i`) maps to
+    global position `w + W * (m * B + p * b + i)`, W = max(worker_count, 1).
+
+    Args:
+        sampler: The global sampler (`grain.IndexSampler` without sharding).
+        global_batch_size: B, examples per global batch.
+        worker_count: grain worker processes batching within their share (0: none).
+        process_index: p (default `jax.process_index()`).
+        process_count: P (default `jax.process_count()`).
+    """
+
+    def __init__(self, sampler, global_batch_size: int, *, worker_count: int = 0,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None):
+        import jax
+
+        self.sampler = sampler
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.process_index = jax.process_index() if process_index is None else process_index
+        if global_batch_size < 1 or global_batch_size % self.process_count:
+            raise ValueError(
+                f"global_batch_size must be a positive multiple of the {self.process_count} "
+                f"processes, got {global_batch_size}"
+            )
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // self.process_count
+        self.workers = max(int(worker_count), 1)
+        total = len(sampler)
+        if total >= sys.maxsize // 2:  # An infinite sampler.
+            self._length = sys.maxsize
+        else:
+            if self.workers > 1:
+                raise ValueError(
+                    "a finite sampler must be read in order: pass worker_count=0 and batch "
+                    "the records after the loader"
+                )
+            full, rest = divmod(total, global_batch_size)
+            start = self.process_index * self.local_batch_size
+            self._length = full * self.local_batch_size + min(max(rest - start, 0), self.local_batch_size)
+
+    def global_index(self, index: int) -> int:
+        """The position in the global stream of this process's position `index`."""
+        worker, position = index % self.workers, index // self.workers
+        batch, row = divmod(position, self.local_batch_size)
+        offset = self.process_index * self.local_batch_size
+        return worker + self.workers * (batch * self.global_batch_size + offset + row)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self._length:
+            raise IndexError(f"index must be in [0, {self._length}), got {index}")
+        return self.sampler[self.global_index(index)]
+
+    def __repr__(self) -> str:
+        # grain compares reprs when an iterator state is restored.
+        return (
+            f"ProcessShardSampler({self.sampler!r}, global_batch_size={self.global_batch_size}, "
+            f"workers={self.workers}, process={self.process_index}/{self.process_count})"
+        )
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -608,11 +729,13 @@ def train_loader(
     """An infinite, shuffled, augmented and batched training loader (this process's share).
 
     Records are drawn epoch after epoch, each epoch a fresh seeded permutation;
-    batches are consecutive in that stream (a batch may span an epoch boundary).
+    global batches are consecutive in that stream (a batch may span an epoch
+    boundary), and this process loads its rows of each (`ProcessShardSampler`), so the
+    global stream does not depend on the number of processes.
 
     Args:
         dataset: The `Dataset`.
-        batch_size: Examples per batch on this process (global batch / processes).
+        batch_size: Examples per global batch (over all processes).
         seed: Shuffling and augmentation seed.
         worker_count: grain worker processes (0: in this process).
         worker_buffer_size: Batches buffered per worker.
@@ -630,21 +753,26 @@ def train_loader(
         raise ValueError(
             f"batch_size {batch_size} exceeds the {len(dataset.train_source)} training examples"
         )
-    sampler = grain.IndexSampler(
-        num_records=len(dataset.train_source),
-        shard_options=_shard_options(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
+    sampler = ProcessShardSampler(
+        grain.IndexSampler(
+            num_records=len(dataset.train_source),
+            shard_options=grain.NoSharding(),
+            shuffle=True,
+            num_epochs=None,
+            seed=seed,
+        ),
+        batch_size,
+        worker_count=worker_count,
     )
     operations = [dataset.train_transform] if dataset.train_transform is not None else []
-    operations.append(grain.Batch(batch_size, drop_remainder=True))
+    operations.append(grain.Batch(sampler.local_batch_size, drop_remainder=True))
     if worker_count:
         _ensure_absl_flags_parsed()
     return grain.DataLoader(
         data_source=dataset.train_source,
         sampler=sampler,
         operations=operations,
+        shard_options=grain.NoSharding(),  # The sampler shards by process.
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         read_options=grain.ReadOptions(
@@ -654,11 +782,8 @@ def train_loader(
 
 
 def num_eval_steps(num_eval: int, global_batch_size: int) -> int:
-    """Eval steps that cover `num_eval` examples with a global batch (every host runs them all)."""
-    import jax
-
-    per_process = math.ceil(num_eval / jax.process_count())
-    return math.ceil(per_process / (global_batch_size // jax.process_count()))
+    """Global eval batches that cover `num_eval` examples (every process runs them all)."""
+    return math.ceil(num_eval / global_batch_size)
 
 
 def eval_batches(
@@ -668,52 +793,53 @@ def eval_batches(
     worker_count: int = 0,
     read_threads: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this process's evaluation batches, each padded to `batch_size`.
+    """Yields this process's rows of each global evaluation batch, padded.
 
-    Every batch is `{"image": uint8 (B, H, W, C), "label": int32 (B,), "mask":
-    float32 (B,)}` with B = batch_size and mask 0 on padding. Each process yields
-    exactly `num_eval_steps(num_eval, batch_size * process_count)` batches (all
-    padding once its share is exhausted), so collective eval steps stay in lockstep.
+    Global batch `t` holds evaluation examples `[t * B, (t + 1) * B)` in order
+    (B = `batch_size`, the global batch); this process yields its `B / P` rows of each
+    as `{"image": uint8 (b, H, W, C), "label": int32 (b,), "mask": float32 (b,)}`
+    with mask 0 on padding. Every process yields `num_eval_steps(num_eval, B)`
+    batches, so collective eval steps stay in lockstep.
 
     Args:
         dataset: The `Dataset`.
-        batch_size: Examples per batch on this process.
-        worker_count: grain worker processes.
+        batch_size: Examples per global batch (over all processes).
+        worker_count: grain worker processes (records are batched here, in order).
         read_threads: Threads reading records.
     """
-    import jax
-
     source = dataset.eval_source
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=_shard_options(drop_remainder=False),
-        shuffle=False,
-        num_epochs=1,
-        seed=0,
+    sampler = ProcessShardSampler(
+        grain.IndexSampler(
+            num_records=len(source),
+            shard_options=grain.NoSharding(),
+            shuffle=False,
+            num_epochs=1,
+            seed=0,
+        ),
+        batch_size,
     )
     operations = [dataset.eval_transform] if dataset.eval_transform is not None else []
-    operations.append(grain.Batch(batch_size, drop_remainder=False))
     if worker_count:
         _ensure_absl_flags_parsed()
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=operations,
+        shard_options=grain.NoSharding(),
         worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64),
     )
     info = dataset.info
-    steps = num_eval_steps(len(source), batch_size * jax.process_count())
+    local = sampler.local_batch_size
     image_shape = (info.image_size, info.image_size, info.in_chans)
-    iterator = iter(loader)
-    for _ in range(steps):
-        batch = next(iterator, None)
-        n = 0 if batch is None else len(batch["label"])
-        images = np.zeros((batch_size,) + image_shape, np.uint8)
-        labels = np.zeros((batch_size,), np.int32)
-        mask = np.zeros((batch_size,), np.float32)
-        if n:
-            images[:n] = batch["image"]
-            labels[:n] = batch["label"]
-            mask[:n] = 1.0
+    records = iter(loader)
+    for _ in range(num_eval_steps(len(source), batch_size)):
+        images = np.zeros((local,) + image_shape, np.uint8)
+        labels = np.zeros((local,), np.int32)
+        mask = np.zeros((local,), np.float32)
+        for row in range(local):
+            record = next(records, None)
+            if record is None:
+                break
+            images[row], labels[row], mask[row] = record["image"], record["label"], 1.0
         yield {"image": images, "label": labels, "mask": mask}

@@ -29,8 +29,11 @@ import ddf_jax
 from ddf_jax import models as model_zoo
 from experiments.classification import input_pipeline
 from experiments.common import checkpoint as checkpoint_lib
+from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
+from experiments.common import config_checks as checks
 from experiments.common import optim, plotting, sharding
+from experiments.common.errors import ConfigError
 from experiments.common.metrics import MetricsWriter
 from experiments.common.train_state import Trainer
 
@@ -52,6 +55,8 @@ RUN_CONTROL_KEYS = (
     "distributed",
     "checkpoint_every_steps",
     "eval_every_epochs",
+    "allow_data_change",
+    "check_images",
 )
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.png"
@@ -140,7 +145,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         "finished"}`; top-1/top-5 are fractions; `finished` is False when the run
         stopped early (`config.stop_after_steps`).
     """
-    stored = checkpoint_lib.prepare_run_dir(
+    stored = run_dir_lib.prepare_run_dir(
         run_dir,
         _run_config(config, model_name),
         overwrite=config.overwrite,
@@ -155,11 +160,9 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
 
     info = dataset.info
     num_devices = mesh.devices.size
-    local_batch = sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
-    local_eval_batch = sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size ({config.batch_size}) exceeds the {info.num_train} training examples"
         )
     num_steps = config.num_train_steps if config.num_train_steps > 0 else int(
@@ -190,7 +193,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
 
     loader = input_pipeline.train_loader(
         dataset,
-        batch_size=local_batch,
+        batch_size=config.batch_size,
         seed=config.seed,
         worker_count=config.worker_count,
         worker_buffer_size=config.worker_buffer_size,
@@ -202,14 +205,16 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         max_to_keep=config.keep_checkpoints,
         async_save=config.async_checkpoints,
     )
-    start_step, meta = loop_lib.restore_or_initialize(trainer, checkpointer, train_iter)
+    start_step, meta = loop_lib.restore_or_initialize(
+        trainer, checkpointer, train_iter, allow_data_change=config.allow_data_change
+    )
 
     def shard(batch):
         return sharding.shard_batch(batch, mesh)
 
     def evaluate(step: int) -> dict[str, float]:
         batches = input_pipeline.eval_batches(
-            dataset, batch_size=local_eval_batch, worker_count=config.worker_count,
+            dataset, batch_size=config.eval_batch_size, worker_count=config.worker_count,
             read_threads=config.read_threads,
         )
         totals = loop_lib.sum_eval_metrics(trainer, batches, shard)
@@ -233,7 +238,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
             num_steps=num_steps,
             shard_fn=shard,
             start_step=start_step,
-            previous_seconds=float(meta.get("train_seconds", 0.0)),
+            resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
             evaluate=evaluate,
@@ -263,7 +268,7 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         "finished": result.finished,
     }
     if result.finished:
-        checkpoint_lib.mark_finished(run_dir, row)
+        run_dir_lib.mark_finished(run_dir, row)
     return row
 
 
@@ -281,6 +286,52 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_config(config: ml_collections.ConfigDict):
+    """Checks every config field by name before any data or model is built.
+
+    Returns:
+        The data-parallel mesh (the batch sizes are checked against it).
+
+    Raises:
+        ConfigError: A field is out of range (the message names it).
+    """
+    models = tuple(config.models)
+    if not models:
+        raise ConfigError("config.models must name at least one model, got ()")
+    unknown = [m for m in models if not model_zoo.is_model(m)]
+    if unknown:
+        raise ConfigError(
+            f"config.models has unknown models {unknown}; see ddf_jax.models.list_models()"
+        )
+    if len(set(models)) != len(models):
+        raise ConfigError(f"config.models has duplicates: {models}")
+    checks.one_of(config, "dtype", DTYPES)
+    checks.one_of(config, "dataset", input_pipeline.DATASETS)
+    for name in ("image_size", "worker_buffer_size", "read_threads", "log_every_steps",
+                 "keep_checkpoints"):
+        checks.integer(config, name, minimum=1)
+    for name in ("digits_max_shift", "crop_padding", "worker_count", "num_devices",
+                 "eval_every_epochs", "checkpoint_every_steps", "stop_after_steps"):
+        checks.integer(config, name, minimum=0)
+    checks.integer(config, "seed", minimum=0, maximum=2**32 - 1)
+    if checks.integer(config, "num_train_steps", minimum=-1) <= 0:
+        checks.positive_number(config, "num_epochs")  # The run length comes from it.
+    checks.positive_number(config, "learning_rate")
+    checks.number_in(config, "warmup_epochs", 0.0, float("inf"))
+    checks.number_in(config, "momentum", 0.0, 1.0, high_open=True)
+    checks.number_in(config, "weight_decay", 0.0, float("inf"))
+    checks.number_in(config, "label_smoothing", 0.0, 1.0, high_open=True)
+    checks.number_in(config, "crop_pct", 1e-6, 1.0)
+    checks.number_in(config, "min_scale", 1e-6, 1.0)
+    for name in ("nesterov", "distributed", "async_checkpoints", "progress_bar", "overwrite",
+                 "check_images", "allow_data_change"):
+        checks.boolean(config, name)
+    mesh = sharding.create_mesh(config.num_devices)
+    sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    return mesh
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Trains and evaluates every model in `config.models`, each in `workdir/<model>/`.
 
@@ -294,18 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         are also written to `workdir/results.json`, the curves to
         `workdir/curves.png`, and a table is printed.
     """
+    mesh = check_config(config)
     models = tuple(config.models)
-    if not models:
-        raise ValueError("config.models must name at least one model, got ()")
-    unknown = [m for m in models if not model_zoo.is_model(m)]
-    if unknown:
-        raise ValueError(
-            f"config.models has unknown models {unknown}; see ddf_jax.models.list_models()"
-        )
-    if len(set(models)) != len(models):
-        raise ValueError(f"config.models has duplicates: {models}")
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.create_mesh(config.num_devices)
     dataset = input_pipeline.get_dataset(config)
     logging.info("dataset %s: %d train / %d eval examples, %d classes, %dx%dx%d",
                  dataset.info.name, dataset.info.num_train, dataset.info.num_eval,

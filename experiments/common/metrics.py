@@ -8,12 +8,14 @@ Every call to `MetricsWriter.write` appends one JSON object per line to
 and the same scalars to TensorBoard as `<split>/<name>` (via tensorboardX). When a run
 resumes from a checkpoint at step S, pass `resume_step=S`: records after S (written
 before the interruption but not covered by the checkpoint) are dropped from the
-JSONL file and purged from TensorBoard, so the logs match the resumed trajectory.
+JSONL file and purged from TensorBoard, so the logs match the resumed trajectory; a
+cut-off last line is dropped with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -40,26 +42,42 @@ def _to_python(value: Any) -> Any:
 def read_metrics(path: str, split: Optional[str] = None) -> list[dict[str, Any]]:
     """Reads a `metrics.jsonl` file (or the directory holding it).
 
+    A cut-off last line (the process stopped, or the power failed, while writing it)
+    is dropped with a warning; any other line that is not a JSON object is an error.
+
     Args:
         path: The file, or a directory containing `metrics.jsonl`.
         split: If given, keep only records whose "split" equals it.
 
     Returns:
         The records in file order; an empty list when the file does not exist.
+
+    Raises:
+        ValueError: A line other than the last is not a JSON object (names the file
+            and line).
     """
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    records = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
+        lines = f.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if split is None or record.get("split") == split:
-                records.append(record)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as err:
+            if number == last:
+                logging.warning("%s: dropping its cut-off last line %d (%s)", path, number + 1, err)
+                continue
+            raise ValueError(f"{path}, line {number + 1}: not a JSON record ({err})") from None
+        if split is None or record.get("split") == split:
+            records.append(record)
     return records
 
 
@@ -94,11 +112,13 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._file = None
         self._tb = None
+        self._kept: set[tuple[Any, Any]] = set()
         if not self.enabled:
             return
         os.makedirs(logdir, exist_ok=True)
         path = os.path.join(logdir, METRICS_FILE)
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+        self._kept = {(r.get("step"), r.get("split")) for r in kept}
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             for record in kept:
@@ -137,6 +157,13 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{split}/{name}", value, int(step))
             self._tb.flush()
         return record
+
+    def has_record(self, step: int, split: str) -> bool:
+        """Whether the log kept from before the resume has a record at `step` in `split`.
+
+        Always False when this writer is disabled (processes other than 0).
+        """
+        return (int(step), split) in self._kept
 
     def write_many(self, records: Iterable[tuple[int, Mapping[str, Any], str]]) -> None:
         """Writes `(step, scalars, split)` tuples in order."""

@@ -111,9 +111,11 @@ class Trainer:
         self._train_graphdef, state = nnx.split(nodes)
         self._replicated = sharding_lib.replicated_sharding(mesh)
         self._batch_sharding = sharding_lib.batch_sharding(mesh)
-        self.state: nnx.State = jax.device_put(state, self._replicated)
-        self.rng: jax.Array = jax.device_put(
-            jax.random.key_data(jax.random.key(seed)), self._replicated
+        # Global arrays over the whole mesh (with several processes too): see
+        # `sharding.replicate`.
+        self.state: nnx.State = sharding_lib.replicate(state, mesh)
+        self.rng: jax.Array = sharding_lib.replicate(
+            jax.random.key_data(jax.random.key(seed)), mesh
         )
         self._train_step = jax.jit(
             self._train_step_impl,
@@ -195,14 +197,17 @@ class Trainer:
     def load_checkpoint_tree(self, tree: Mapping[str, Any]) -> None:
         """Replaces the state with a tree produced by `checkpoint_tree()` (e.g. restored)."""
         template = nnx.to_pure_dict(self.state)
-        restored = jax.tree.map(
-            lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
-            if _is_key(old)
-            else new,
-            template,
-            dict(tree["state"]),
-        )
+
+        def restore_leaf(old, new):
+            if not _is_key(old):
+                return new
+            impl = jax.random.key_impl(old)
+            wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
+                           out_shardings=self._replicated)
+            return wrap(sharding_lib.replicate(new, self.mesh))
+
+        restored = jax.tree.map(restore_leaf, template, dict(tree["state"]))
         state = self.state
         nnx.replace_by_pure_dict(state, restored)
-        self.state = jax.device_put(state, self._replicated)
-        self.rng = jax.device_put(tree["rng"], self._replicated)
+        self.state = sharding_lib.replicate(state, self.mesh)
+        self.rng = sharding_lib.replicate(tree["rng"], self.mesh)

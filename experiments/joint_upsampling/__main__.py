@@ -2,4 +2,6 @@
 
 from experiments.joint_upsampling.main import run
 
-run()
+# The guard matters: grain worker processes are spawned and re-import this module.
+if __name__ == "__main__":
+    run()

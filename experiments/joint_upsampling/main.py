@@ -8,43 +8,27 @@ test, CPU). Any config field can be overridden, e.g.
 `--config.per_scale.x8.steps=600 --config.scales='(8,)'`. `--overwrite`
 retrains runs that already finished in DIR (by default they are reloaded and
 evaluated, not retrained); an interrupted run resumes from its last checkpoint.
+Several hosts: `--config.distributed=True` and the flags in
+`experiments.common.cli` (see the README).
 """
 
-import logging
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from experiments.common import cli
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.json/.md and panels.")
-flags.DEFINE_bool("overwrite", False, "Delete and retrain runs that already finished in --workdir.")
-config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file (a .py with get_config()).", lock_config=True
-)
-flags.mark_flags_as_required(["workdir"])
+cli.define_config_flag(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"))
+FLAGS = cli.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
-    if FLAGS.overwrite:
-        with config.unlocked():
-            config.overwrite = True
-    logging.getLogger().setLevel(logging.INFO)
-    # Orbax logs several INFO lines per checkpoint through absl; keep the output readable.
-    logging.getLogger("absl").setLevel(logging.WARNING)
     from experiments.joint_upsampling import train
 
-    train.train_and_evaluate(config, FLAGS.workdir)
+    cli.main(argv, train.train_and_evaluate)
 
 
 def run() -> None:
     """Entry point for `python -m experiments.joint_upsampling`."""
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

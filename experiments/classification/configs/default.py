@@ -45,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.worker_count = 0  # grain worker processes (0: load in the main process).
     config.worker_buffer_size = 2
     config.read_threads = 2
+    # Folder datasets: open every image file before training and name all that fail.
+    config.check_images = True
+    # Resume although the training data changed since the checkpoint (e.g. a bad file
+    # was deleted): a new sampler continues from the saved step; no longer bit-exact.
+    config.allow_data_change = False
 
     # Optimisation. learning_rate is the peak rate for the global batch_size.
     config.batch_size = 64  # Global batch, over all devices and hosts.
