@@ -9,8 +9,12 @@ and, for a cotangent g of out, the three gradients of <g, out>: each term of
 the sum above adds g * comb to dx at the tap's input pixel, g * x (* sf for
 "mul") to dcf, and g * x (* cf for "mul"), summed over the head's channels,
 to dsf.
+
+`plain_ddf` is a second formulation of the same sum in jnp (no loops over
+pixels), for gradients by autodiff.
 """
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -94,3 +98,26 @@ def ddf_reference_vjp(x, channel_filter, spatial_filter, grad_out, kernel_size, 
         d_spatial_tap = dsf[..., t]  # a view: (n, Ho, Wo, G)
         d_spatial_tap[:, i, j, :] += per_channel.reshape(per_channel.shape[:3] + (heads, c // heads)).sum(axis=4)
     return dx, dcf, dsf.reshape(sf_shape)
+
+
+def plain_ddf(x, cf, sf, k, s, d, combine, accumulate=None):
+    """The op as a jnp formula: zero-pad, gather each tap's strided window, sum (sf 4-D or 5-D).
+
+    Products in the inputs' dtype, sums in `accumulate` (default: the inputs' dtype).
+    """
+    if sf.ndim == 4:
+        sf = sf[:, :, :, None, :]
+    r = (k - 1) // 2
+    heads, ho, wo = sf.shape[3], sf.shape[1], sf.shape[2]
+    accumulate = accumulate or x.dtype
+    xp = jnp.pad(x, ((0, 0), (r * d, r * d + s), (r * d, r * d + s), (0, 0)))
+    sf_c = jnp.repeat(sf, x.shape[-1] // heads, axis=3)  # (N, Ho, Wo, C, K)
+    out = jnp.zeros((x.shape[0], ho, wo, x.shape[3]), accumulate)
+    for ky in range(k):
+        for kx in range(k):
+            t = ky * k + kx
+            window = xp[:, ky * d : ky * d + ho * s : s, kx * d : kx * d + wo * s : s, :]
+            spatial, channel = sf_c[..., t], cf[:, None, None, :, t]
+            weight = spatial * channel if combine == "mul" else spatial + channel
+            out = out + (window * weight).astype(accumulate)
+    return out

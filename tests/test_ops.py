@@ -8,6 +8,7 @@ argument checks of the public op (the same for every implementation: they run
 before one is chosen), and the tests of XLA alone.
 """
 
+import functools
 import itertools
 
 import chex
@@ -15,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import ddf_jax
 from ddf_jax import kernels
 from tests.op_properties import Case, OpProperties
+from tests.reference import ddf_reference, plain_ddf
 from tests.utils import random_ddf_inputs
 
 
@@ -36,16 +39,32 @@ XLA_GRID = [
         itertools.cycle([(None, "mul"), (2, "add"), (4, "mul"), (1, "add"), (2, "mul"), (None, "add")]),
     )
 ]
-# Every fifth case of the grid: between them every k, stride, dilation, heads and combine.
+
+
+# Cases and the methods (`spatial_filter_method`, `channel_filter_method`) the
+# XLA backward picks for each. TestXla runs three of them in bfloat16 and float16.
+XLA_SUMMATION_CASES = [
+    (Case(2, 9, 7, 64, 3, 1, 1, None, "mul"), ("eights", "eights")),
+    (Case(2, 9, 7, 128, 3, 1, 2, 2, "add"), ("eights", "eights")),  # 64 channels per head
+    (Case(1, 6, 5, 128, 3, 1, 1, 1, "mul"), ("eights", "eights")),  # 16 chunks: two steps
+    (Case(2, 11, 9, 32, 3, 2, 1, None, "add"), ("eights", "eights")),
+    (Case(2, 10, 9, 40, 3, 3, 1, 5, "mul"), ("eights", "eights")),  # one chunk per head
+    (Case(1, 37, 5, 16, 5, 1, 2, 2, "add"), ("scalar", "blocks")),  # a short last block
+    (Case(1, 9, 8, 8, 7, 1, 1, None, "mul"), ("scalar", "scalar")),
+]
 
 
 class TestXla(OpProperties):
     IMPLEMENTATION = "xla"
+    # Every fifth case of the grid: between them every k, stride, dilation, heads and combine.
     GRADIENT_CASES = XLA_GRID[::5] + [Case(2, 9, 7, 6, 3, 2, 2, 2), Case(2, 9, 7, 8, 5, 2)]
     FORWARD_CASES = [case for i, case in enumerate(XLA_GRID) if i % 5]
     LOW_PRECISION_CASES = [
         (dtypes, Case(2, 9, 7, 8, 3, 2, 1, 2)) for dtypes in ("bfloat16", "float16", "bfloat16_x_float32_filters")
-    ] + [("bfloat16", Case(1, 9, 7, 12, 7, 1, 2, 4, "add"))]
+    ] + [("bfloat16", Case(1, 9, 7, 12, 7, 1, 2, 4, "add"))] + [
+        # The XLA backward's summation paths (below): "eights", and "scalar" with "blocks".
+        (dtypes, XLA_SUMMATION_CASES[i][0]) for i in (0, 3, 5) for dtypes in ("bfloat16", "float16")
+    ]
     FLOAT64_CASES = [
         Case(2, 7, 6, 4, k, s, d, heads, combine)
         for k, s, d, heads, combine in [
@@ -170,6 +189,62 @@ def test_xla_gradient_memory_stays_small():
     x, cf, sf = random_inputs(0, 2, 28, 28, 32, 5)
     grad = jax.jit(jax.grad(lambda *a: ddf_jax.ddf(*a, kernel_size=5, implementation="xla").sum(), (0, 1, 2)))
     analysis = grad.lower(x, cf, sf).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert analysis.temp_size_in_bytes <= 4 * x.nbytes, analysis.temp_size_in_bytes / x.nbytes
+
+
+# --- the XLA backward's ways of summing the filter gradients -------------------
+
+
+def _value_and_vjp(f, x, cf, sf, g):
+    """f(x, cf, sf) and its VJP with cotangent g."""
+    out, vjp = jax.vjp(f, x, cf, sf)
+    return out, vjp(g)
+
+
+@pytest.mark.parametrize("case,methods", XLA_SUMMATION_CASES, ids=[case.id for case, _ in XLA_SUMMATION_CASES])
+def test_xla_backward_summations_float64(case, methods):
+    """Every way the XLA backward sums d_spatial_filter and d_channel_filter, checked element-wise
+    against autodiff of a plain jnp formula and numerically, in float64."""
+    from ddf_jax.kernels import xla
+
+    k, s, d, combine = case.k, case.stride, case.dilation, case.combine
+    with jax.enable_x64(True):
+        x, cf, sf, g = random_ddf_inputs(case.n * case.h + case.c + k, case.n, case.h, case.w, case.c, k, s,
+                                         case.heads, np.float64)
+        picked = (
+            xla.spatial_filter_method(g.shape, case.heads or 1, k * k, x.size),
+            xla.channel_filter_method(g.shape, k * k, x.size),
+        )
+        assert picked == methods
+
+        @jax.jit
+        def f(x, cf, sf):
+            return ddf_jax.ddf(x, cf, sf, kernel_size=k, stride=s, dilation=d, combine=combine, implementation="xla")
+
+        out, grads = jax.jit(lambda *a: _value_and_vjp(f, *a))(x, cf, sf, g)
+        chex.assert_trees_all_close(out, ddf_reference(x, cf, sf, k, s, d, combine), rtol=1e-12, atol=1e-12)
+        reference = functools.partial(plain_ddf, k=k, s=s, d=d, combine=combine)
+        _, expected = jax.jit(lambda *a: _value_and_vjp(reference, *a))(x, cf, sf, g)
+        for got, want in zip(grads, expected):
+            assert got.dtype == jnp.float64
+            chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12 * float(jnp.abs(want).max()))
+        check_grads(f, (x, cf, sf), order=1, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k,stride,c", [(3, 1, 64), (3, 2, 64), (5, 1, 64), (3, 1, 32)])
+def test_xla_vjp_memory_stays_small(k, stride, c):
+    """The jitted forward + VJP (random cotangent) keeps temporaries under 4x the bytes of x on every path."""
+    x, cf, sf, g = random_ddf_inputs(1, 2, 28, 28, c, k, stride)
+
+    def forward_and_vjp(x, cf, sf, g):
+        def f(*a):
+            return ddf_jax.ddf(*a, kernel_size=k, stride=stride, implementation="xla")
+
+        return _value_and_vjp(f, x, cf, sf, g)
+
+    analysis = jax.jit(forward_and_vjp).lower(x, cf, sf, g).compile().memory_analysis()
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
     assert analysis.temp_size_in_bytes <= 4 * x.nbytes, analysis.temp_size_in_bytes / x.nbytes

@@ -1,10 +1,10 @@
 """The float64 loop reference that every implementation is tested against, tested itself.
 
-`tests/reference.py` is compared with a second, independent formulation: a
-plain jnp expression of the op (pad, take each tap's strided window, sum) and
-its autodiff gradients, in float64. The roundoff bounds of `tests/roundoff.py`
-are checked to hold for a float32 evaluation of the same formula and to fail a
-bfloat16 accumulation.
+The loop reference of `tests/reference.py` is compared with its second,
+independent formulation `plain_ddf` (pad, take each tap's strided window, sum)
+and that formula's autodiff gradients, in float64. The roundoff bounds of
+`tests/roundoff.py` are checked to hold for a float32 evaluation of the same
+formula and to fail a bfloat16 accumulation.
 """
 
 import chex
@@ -14,29 +14,8 @@ import numpy as np
 import pytest
 
 from tests import roundoff
-from tests.reference import ddf_reference, ddf_reference_vjp
+from tests.reference import ddf_reference, ddf_reference_vjp, plain_ddf
 from tests.utils import random_ddf_inputs
-
-
-def plain_ddf(x, cf, sf, k, s, d, combine, accumulate=None):
-    """The op as a jnp formula: zero-pad, gather each tap's strided window, sum (sf 5-D).
-
-    Products in the inputs' dtype, sums in `accumulate` (default: the inputs' dtype).
-    """
-    r = (k - 1) // 2
-    heads, ho, wo = sf.shape[3], sf.shape[1], sf.shape[2]
-    accumulate = accumulate or x.dtype
-    xp = jnp.pad(x, ((0, 0), (r * d, r * d + s), (r * d, r * d + s), (0, 0)))
-    sf_c = jnp.repeat(sf, x.shape[-1] // heads, axis=3)  # (N, Ho, Wo, C, K)
-    out = jnp.zeros((x.shape[0], ho, wo, x.shape[3]), accumulate)
-    for ky in range(k):
-        for kx in range(k):
-            t = ky * k + kx
-            window = xp[:, ky * d : ky * d + ho * s : s, kx * d : kx * d + wo * s : s, :]
-            spatial, channel = sf_c[..., t], cf[:, None, None, :, t]
-            weight = spatial * channel if combine == "mul" else spatial + channel
-            out = out + (window * weight).astype(accumulate)
-    return out
 
 
 CASES = [
