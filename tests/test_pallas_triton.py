@@ -62,7 +62,7 @@ class TestPallasInterpret(OpProperties):
         ("bfloat16_x_float32_filters", Case(1, 9, 7, 16, 5, 2, 1, 2, "mul", "small")),
     ]
     FLOAT64_CASES = [Case(1, 5, 4, 4, 3, 2, 1, 2, "mul")]
-    VMAP_CASES = [Case(1, 9, 7, 16, 3, 1, 1, 2, "mul", "small")]
+    VMAP_CASES = [Case(1, 9, 7, 12, 3, 2, 1, 2, "mul")]  # default tiles
     PMAP_CASES = [Case(1, 7, 6, 12, 3, 1, 2, 2, "add")]
     DETERMINISM_CASES = [Case(1, 11, 9, 12, 3, 2, 2, 2, "add", "small")]
     IDENTITY_CASES = [Case(2, 11, 9, 12, 3, 1, 1, None, "mul", "small")]
