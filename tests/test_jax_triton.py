@@ -6,7 +6,7 @@ Three layers, so that most of it runs without a GPU:
   `tests/op_properties.py` with the Triton kernels in Triton's interpreter
   (`TRITON_INTERPRET=1`, torch CPU tensors). `jax_triton.get_op` is given a
   launcher with the signature of `jax_triton.triton_call` that runs the kernel
-  through `jax.pure_callback`, so the module's own launch code, custom_vmap
+  through `jax.pure_callback` (`tests/triton_interpreter.py`), so the module's own launch code, custom_vmap
   and custom_vjp are exercised end to end (jit, vmap, grad) against the
   float64 loop reference. Outputs start as NaN, so an element that no program
   writes fails the comparison. Needs `triton` and `torch`; skipped cleanly
@@ -18,18 +18,16 @@ Three layers, so that most of it runs without a GPU:
   `ddf_jax.ddf(..., implementation="jax_triton")` on a CUDA GPU (jax-triton
   installed), and one more GPU test a tensor with more than 2**31 elements.
 
-The interpreter must be chosen before `triton` is first imported, so this
-module sets `TRITON_INTERPRET=1` at import time on machines without a GPU
-(where the compiled kernels could not run anyway).
+The interpreter must be chosen before `triton` is first imported: importing
+`tests.triton_interpreter` first sets `TRITON_INTERPRET=1` on machines without
+a GPU (where the compiled kernels could not run anyway).
 """
 
 import functools
-import importlib
 import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import chex
 import jax
@@ -37,19 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.utils import has_gpu, random_ddf_inputs
+# First: it chooses Triton's interpreter before anything imports triton.
+from tests.triton_interpreter import HAS_GPU, interpreter_launch, interpreter_state  # isort: skip
 
-
-HAS_GPU = has_gpu()
-if not HAS_GPU and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import ddf_jax  # noqa: E402
-from ddf_jax.kernels import DDFConfig, ImplementationUnavailable  # noqa: E402
-from ddf_jax.kernels import jax_triton as jt  # noqa: E402
-from ddf_jax.kernels import xla  # noqa: E402
-from ddf_jax.kernels.common import LaunchConfig  # noqa: E402
-from tests.op_properties import Case, OpProperties  # noqa: E402
+import ddf_jax
+from ddf_jax.kernels import DDFConfig, ImplementationUnavailable
+from ddf_jax.kernels import jax_triton as jt
+from ddf_jax.kernels.common import LaunchConfig
+from tests.op_properties import Case, OpProperties
+from tests.utils import random_ddf_inputs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,77 +214,9 @@ def test_vmap_over_an_empty_axis_launches_nothing():
 # --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _interpreter():
-    """(torch, triton_kernels) when the Triton interpreter can run here, else a skip reason."""
-    try:
-        torch = importlib.import_module("torch")
-        triton = importlib.import_module("triton")
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError as error:
-        return f"needs triton and torch for Triton's CPU interpreter ({error})"
-    from ddf_jax.kernels import triton_kernels
-
-    if not (
-        isinstance(triton_kernels.ddf_fwd_kernel, InterpretedFunction)
-        and isinstance(triton.language.zeros, InterpretedFunction)
-    ):
-        return (
-            "Triton's interpreter is off (a GPU is present, or triton was imported "
-            "before TRITON_INTERPRET=1 could be set)"
-        )
-    return torch, triton_kernels
-
-
-def _torch_dtype(torch, dtype):
-    return {
-        jnp.dtype(jnp.float16): torch.float16,
-        jnp.dtype(jnp.bfloat16): torch.bfloat16,
-        jnp.dtype(jnp.float32): torch.float32,
-        jnp.dtype(jnp.float64): torch.float64,
-    }[jnp.dtype(dtype)]
-
-
-def _to_torch(torch, array):
-    array = np.asarray(array)
-    if array.dtype == jnp.bfloat16:  # numpy has no native bfloat16: move the bits.
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
-
-
-def _to_numpy(torch, tensor):
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
-    return tensor.numpy()
-
-
-# Triton's interpreter is not thread-safe: under pmap each device's callback runs in its own thread
-# (concurrent launches abort the process), so launches take turns.
-_INTERPRETER_LOCK = threading.Lock()
-
-
-def interpreter_launch(*arrays, kernel, out_shape, grid, num_warps=None, num_stages=None, **constexprs):
-    """`jax_triton.triton_call`'s contract, run by Triton's interpreter inside `jax.pure_callback`."""
-    del num_warps, num_stages  # meaningless to the interpreter
-    torch, _ = _interpreter()
-    out_shape = tuple(out_shape)
-
-    def host(*host_arrays):
-        inputs = [_to_torch(torch, a) for a in host_arrays]
-        # NaN-filled, so an element that no program writes is caught by the comparisons.
-        outputs = [
-            torch.full(s.shape, float("nan"), dtype=_torch_dtype(torch, s.dtype)) for s in out_shape
-        ]
-        with _INTERPRETER_LOCK:
-            kernel[grid](*inputs, *outputs, **constexprs)
-        return tuple(_to_numpy(torch, t) for t in outputs)
-
-    return jax.pure_callback(host, out_shape, *arrays)
-
-
 def interpreted_op(block_sizes=None):
     """The jax_triton op whose kernels run in Triton's interpreter (skips the test when it cannot)."""
-    state = _interpreter()
+    state = interpreter_state()
     if isinstance(state, str):
         pytest.skip(state)
     return jt.get_op("cpu", block_sizes, launch=interpreter_launch)
