@@ -16,7 +16,7 @@ from flax import nnx
 
 from ddf_jax import models as ddf_models
 
-from experiments.classification import input_pipeline, train
+from experiments.classification import datasets, input_pipeline, train, transforms
 from experiments.classification.configs import default as default_config
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import run_dir as run_dir_lib
@@ -310,7 +310,7 @@ def image_folder(tmp_path):
 
 
 def test_image_folder_loader(image_folder):
-    dataset = input_pipeline.load_image_folder(str(image_folder), image_size=16)
+    dataset = datasets.load_image_folder(str(image_folder), image_size=16)
     info = dataset.info
     assert info.class_names == ("cat", "dog") and info.num_classes == 2
     assert (info.num_train, info.num_eval) == (6, 4)
@@ -343,7 +343,7 @@ def test_resize_center_crop_geometry():
 
     array = np.zeros((40, 80, 3), np.uint8)
     array[:, 35:45] = 255  # A bright vertical bar in the middle.
-    out = input_pipeline.ResizeCenterCrop(14, 0.875).map({"image": Image.fromarray(array), "label": 0})
+    out = transforms.ResizeCenterCrop(14, 0.875).map({"image": Image.fromarray(array), "label": 0})
     assert out["image"].shape == (14, 14, 3)
     # Short side 40 -> 16, so the 80-wide image becomes 32 wide; the bar (scaled to 4
     # px) stays centred, and the crop drops 1 px top and bottom.
@@ -363,7 +363,7 @@ def cifar_dir(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     batches = {}
-    for name in input_pipeline.CIFAR10_TRAIN_FILES + (input_pipeline.CIFAR10_TEST_FILE,):
+    for name in datasets.CIFAR10_TRAIN_FILES + (datasets.CIFAR10_TEST_FILE,):
         batches[name] = _cifar_batch(rng, 6)
         with open(root / name, "wb") as f:
             pickle.dump(batches[name], f)
@@ -372,7 +372,7 @@ def cifar_dir(tmp_path):
 
 def test_cifar10_loader(cifar_dir):
     parent, batches = cifar_dir
-    dataset = input_pipeline.load_cifar10(str(parent))  # The parent directory also works.
+    dataset = datasets.load_cifar10(str(parent))  # The parent directory also works.
     assert (dataset.info.num_train, dataset.info.num_eval, dataset.info.in_chans) == (30, 6, 3)
     record = dataset.eval_source[4]
     raw = batches["test_batch"][b"data"][4]
@@ -386,8 +386,8 @@ def test_cifar10_loader(cifar_dir):
 
 
 def test_digits_split_is_fixed():
-    a = input_pipeline.load_digits(16)
-    b = input_pipeline.load_digits(16)
+    a = datasets.load_digits(16)
+    b = datasets.load_digits(16)
     assert (a.info.num_train, a.info.num_eval) == (1437, 360)
     np.testing.assert_array_equal(a.eval_source.labels, b.eval_source.labels)
     np.testing.assert_array_equal(a.eval_source.images, b.eval_source.images)
@@ -398,49 +398,49 @@ def test_digits_split_is_fixed():
 def test_missing_or_malformed_data_raise_clear_errors(tmp_path, cifar_dir, image_folder):
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):
-        input_pipeline.load_cifar10(missing)
+        datasets.load_cifar10(missing)
     with pytest.raises(FileNotFoundError, match="nope"):
-        input_pipeline.load_image_folder(missing)
+        datasets.load_image_folder(missing)
     with pytest.raises(ValueError, match="data_dir"):
-        input_pipeline.load_cifar10("")
+        datasets.load_cifar10("")
 
     parent, _ = cifar_dir
     root = parent / "cifar-10-batches-py"
     os.remove(root / "data_batch_3")
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
     (root / "data_batch_3").write_bytes(b"not a pickle at all")
     with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
     with open(root / "data_batch_3", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match=r"data_batch_3.*\(N, 3072\)"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
     with open(root / "data_batch_3", "wb") as f:
         pickle.dump(os.getcwd, f)  # Code, not data: must not be loaded.
     with pytest.raises(ValueError, match="refusing"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
 
     os.makedirs(image_folder / "val" / "bird")
     with pytest.raises(ValueError, match="bird"):
-        input_pipeline.load_image_folder(str(image_folder))
+        datasets.load_image_folder(str(image_folder))
     os.rmdir(image_folder / "val" / "bird")
     os.makedirs(image_folder / "train" / "empty_class")
     with pytest.raises(ValueError, match="empty_class"):
-        input_pipeline.load_image_folder(str(image_folder))
+        datasets.load_image_folder(str(image_folder))
     os.rmdir(image_folder / "train" / "empty_class")
     (image_folder / "train" / "dog" / "9.JPEG").write_bytes(b"garbage")
-    dataset = input_pipeline.load_image_folder(str(image_folder), check_images=False)
+    dataset = datasets.load_image_folder(str(image_folder), check_images=False)
     broken = dataset.train_source.files.index(str(image_folder / "train" / "dog" / "9.JPEG"))
     with pytest.raises(ValueError, match="9.JPEG"):
         dataset.train_source[broken]
     empty_root = tmp_path / "flat"
     (empty_root / "train").mkdir(parents=True)
     with pytest.raises(ValueError, match="no class sub-directories"):
-        input_pipeline.load_image_folder(str(empty_root))
+        datasets.load_image_folder(str(empty_root))
 
     with pytest.raises(ValueError, match="dataset must be one of"):
-        input_pipeline.get_dataset(tiny_config(dataset="mnist"))
+        datasets.get_dataset(tiny_config(dataset="mnist"))
 
 
 # ----------------------------------------------------------------------------- command line and configs

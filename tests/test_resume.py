@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.classification import input_pipeline, train
+from experiments.classification import datasets, input_pipeline, sources, train
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import errors, integrity, optim, sharding
 from experiments.common import run_dir as run_dir_lib
@@ -110,8 +110,8 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_exactly(straight, tmp
 
 def _loader_and_tree():
     images = np.arange(12 * 2 * 2, dtype=np.uint8).reshape(12, 2, 2, 1)
-    dataset = input_pipeline.Dataset(
-        info=None, train_source=input_pipeline.ArraySource(images, np.arange(12)),
+    dataset = datasets.Dataset(
+        info=None, train_source=sources.ArraySource(images, np.arange(12)),
         eval_source=None, train_transform=None, eval_transform=None,
     )
     loader = input_pipeline.train_loader(dataset, batch_size=3, seed=1)

@@ -27,7 +27,8 @@ from flax import nnx
 
 import ddf_jax
 from ddf_jax import models as model_zoo
-from experiments.classification import input_pipeline
+from experiments.classification import datasets, input_pipeline
+from experiments.classification.transforms import normalize
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
@@ -63,7 +64,7 @@ CURVES_FILE = "curves.png"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def create_model(config: ml_collections.ConfigDict, name: str, info: input_pipeline.DatasetInfo,
+def create_model(config: ml_collections.ConfigDict, name: str, info: datasets.DatasetInfo,
                  rngs: nnx.Rngs) -> nnx.Module:
     """Builds `name` from the `ddf_jax.models` zoo for the dataset's classes and channels.
 
@@ -79,7 +80,7 @@ def create_model(config: ml_collections.ConfigDict, name: str, info: input_pipel
     return model_zoo.create_model(name, num_classes=info.num_classes, rngs=rngs, **overrides)
 
 
-def make_loss_fn(info: input_pipeline.DatasetInfo, label_smoothing: float, dtype: str):
+def make_loss_fn(info: datasets.DatasetInfo, label_smoothing: float, dtype: str):
     """Cross-entropy with label smoothing; aux metric: batch top-1 accuracy.
 
     Returns:
@@ -92,7 +93,7 @@ def make_loss_fn(info: input_pipeline.DatasetInfo, label_smoothing: float, dtype
 
     def loss_fn(model, batch, rng):
         del rng  # No stochastic layers in these models; the key is there for those that have.
-        images = input_pipeline.normalize(batch["image"], info, compute_dtype)
+        images = normalize(batch["image"], info, compute_dtype)
         logits = model(images).astype(jnp.float32)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], info.num_classes), label_smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -102,13 +103,13 @@ def make_loss_fn(info: input_pipeline.DatasetInfo, label_smoothing: float, dtype
     return loss_fn
 
 
-def make_eval_fn(info: input_pipeline.DatasetInfo, dtype: str):
+def make_eval_fn(info: datasets.DatasetInfo, dtype: str):
     """Sums of loss, top-1 and top-5 hits over the real (mask == 1) examples of a batch."""
     compute_dtype = jnp.dtype(dtype)
     k = min(5, info.num_classes)
 
     def eval_fn(model, batch):
-        images = input_pipeline.normalize(batch["image"], info, compute_dtype)
+        images = normalize(batch["image"], info, compute_dtype)
         logits = model(images).astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -134,7 +135,7 @@ def _run_config(config: ml_collections.ConfigDict, model_name: str) -> dict[str,
 
 
 def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str,
-                dataset: input_pipeline.Dataset, mesh) -> dict[str, Any]:
+                dataset: datasets.Dataset, mesh) -> dict[str, Any]:
     """Trains and evaluates one model in `run_dir`; returns its result row.
 
     If `run_dir` holds a finished run with the same config, its stored result is
@@ -306,7 +307,7 @@ def check_config(config: ml_collections.ConfigDict):
     if len(set(models)) != len(models):
         raise ConfigError(f"config.models has duplicates: {models}")
     checks.one_of(config, "dtype", DTYPES)
-    checks.one_of(config, "dataset", input_pipeline.DATASETS)
+    checks.one_of(config, "dataset", datasets.DATASETS)
     for name in ("image_size", "worker_buffer_size", "read_threads", "log_every_steps",
                  "keep_checkpoints"):
         checks.integer(config, name, minimum=1)
@@ -348,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     mesh = check_config(config)
     models = tuple(config.models)
     os.makedirs(workdir, exist_ok=True)
-    dataset = input_pipeline.get_dataset(config)
+    dataset = datasets.get_dataset(config)
     logging.info("dataset %s: %d train / %d eval examples, %d classes, %dx%dx%d",
                  dataset.info.name, dataset.info.num_train, dataset.info.num_eval,
                  dataset.info.num_classes, dataset.info.image_size, dataset.info.image_size,
