@@ -173,33 +173,36 @@ def train_loader(
     )
 
 
-def num_eval_steps(num_eval: int, global_batch_size: int) -> int:
-    """Global eval batches that cover `num_eval` examples (every process runs them all)."""
-    return math.ceil(num_eval / global_batch_size)
+def num_eval_steps(num_examples: int, global_batch_size: int) -> int:
+    """Global eval batches that cover `num_examples` examples (every process runs them all)."""
+    return math.ceil(num_examples / global_batch_size)
 
 
 def eval_batches(
     dataset: Dataset,
+    split: str,
     *,
     batch_size: int,
     worker_count: int = 0,
     read_threads: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this process's rows of each global evaluation batch, padded.
+    """Yields this process's rows of each global batch of `split`, in order, padded.
 
-    Global batch `t` holds evaluation examples `[t * B, (t + 1) * B)` in order
+    Global batch `t` holds the split's examples `[t * B, (t + 1) * B)` in order
     (B = `batch_size`, the global batch); this process yields its `B / P` rows of each
     as `{"image": uint8 (b, H, W, C), "label": int32 (b,), "mask": float32 (b,)}`
-    with mask 0 on padding. Every process yields `num_eval_steps(num_eval, B)`
+    with mask 0 on padding. Every process yields `num_eval_steps(len(split), B)`
     batches, so collective eval steps stay in lockstep.
 
     Args:
         dataset: The `Dataset`.
+        split: "validation" (evaluation during training, selection) or "test" (once,
+            at the end, for the chosen setting).
         batch_size: Examples per global batch (over all processes).
         worker_count: grain worker processes (records are batched here, in order).
         read_threads: Threads reading records.
     """
-    source = dataset.eval_source
+    source = dataset.eval_source(split)
     sampler = ProcessShardSampler(
         grain.IndexSampler(
             num_records=len(source),

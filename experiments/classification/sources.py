@@ -8,19 +8,22 @@ an iterator position is restored).
 * `ImageFileSource`: image files decoded with PIL when read (folder datasets).
 * `read_cifar_batch`: one CIFAR-10 python-pickle batch, read with an unpickler that
   accepts only plain containers and numpy arrays.
-* `scan_image_folder`, `check_image_files`: the `<split>/<class>/<image>` layout and
-  a decode check of every file.
+* `scan_image_folder`, `check_image_files`, `raise_for_bad_images`: the
+  `<split>/<class>/<image>` layout and a decode check of every file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from experiments.common.errors import BadDataError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -207,3 +210,18 @@ def check_image_files(files: Sequence[str], num_threads: int = 4) -> list[tuple[
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         reasons = list(pool.map(check, files))
     return [(path, reason) for path, reason in zip(files, reasons) if reason is not None]
+
+
+def raise_for_bad_images(files: Sequence[str], data_dir: str, num_threads: int = 4) -> None:
+    """`check_image_files`, then one `BadDataError` naming the files that fail (all are logged)."""
+    bad = check_image_files(files, num_threads)
+    if not bad:
+        return
+    for path, reason in bad:
+        logging.error("cannot read image %s (%s)", path, reason)
+    shown = ", ".join(path for path, _ in bad[:5])
+    more = f" and {len(bad) - 5} more (all listed in the log above)" if len(bad) > 5 else ""
+    raise BadDataError(
+        f"{len(bad)} of {len(files)} image files under {data_dir} cannot be read: {shown}{more}. "
+        "Replace or delete them (or set config.check_images=False to skip this check)."
+    )

@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # Set on the command line.
     config.image_size = 32
     config.crop_padding = 4
+    config.validation_fraction = 0.1  # 5,000 of the 50,000 training images.
     config.worker_count = 4
     config.batch_size = 128
     config.eval_batch_size = 1000

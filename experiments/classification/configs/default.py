@@ -35,11 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"
 
     # Data.
-    config.dataset = "digits"  # "digits" | "cifar10" | "imagenet"
+    config.dataset = "digits"  # "digits" | "mnist" | "cifar10" | "imagenet"
     config.data_dir = ""  # Local path for cifar10 / imagenet.
     config.image_size = 16
-    config.digits_max_shift = 1  # digits: random shift of up to this many pixels.
-    config.crop_padding = 4  # cifar10: zero padding before the random crop.
+    # Fraction of the training data held out (stratified, fixed) as the validation
+    # split: evaluation during training and the learning-rate selection use it; the
+    # test split is evaluated once, at the end, for the chosen setting.
+    config.validation_fraction = 0.2
+    # Train augmentation: zero padding before a random crop back to image_size, i.e. a
+    # random shift of up to this many pixels (digits, mnist, cifar10).
+    config.crop_padding = 1
     config.crop_pct = 0.875  # imagenet: eval centre-crop fraction.
     config.min_scale = 0.08  # imagenet: RandomResizedCrop smallest area fraction.
     config.worker_count = 0  # grain worker processes (0: load in the main process).
@@ -57,12 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 15
     config.num_train_steps = -1  # > 0 overrides num_epochs.
     config.learning_rate = 0.2
+    # Several learning rates: each model is trained at each, for every seed; the one
+    # with the best mean validation top-1 is chosen (per model) and only it is
+    # evaluated on the test split. () trains at learning_rate only.
+    config.sweep_learning_rates = ()
     config.warmup_epochs = 1.0
     config.momentum = 0.9
     config.nesterov = True
     config.weight_decay = 5e-4  # Not applied to 1-D parameters.
     config.label_smoothing = 0.1
-    config.seed = 0
+    # One run per seed (initialisation, data order, augmentation); results.json and
+    # the table report each seed and the mean and standard deviation over them.
+    config.seeds = (0,)
 
     # Devices: 0 = every device (data parallel); distributed = multi-host start-up.
     config.num_devices = 0
