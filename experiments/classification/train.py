@@ -69,6 +69,9 @@ RUN_CONTROL_KEYS = (
     "allow_data_change",
     "check_images",
 )
+# Fields of the command's config that one run does not have: a run has one model,
+# one seed and one learning rate.
+COMMAND_KEYS = ("models", "seeds", "sweep_learning_rates")
 
 
 def create_model(config: ml_collections.ConfigDict, name: str, info: datasets.DatasetInfo,
@@ -131,13 +134,6 @@ def make_eval_fn(info: datasets.DatasetInfo, dtype: str):
         }
 
     return eval_fn
-
-
-
-
-# Fields of the command's config that one run does not have: a run has one model,
-# one seed and one learning rate.
-COMMAND_KEYS = ("models", "seeds", "sweep_learning_rates")
 
 
 @dataclasses.dataclass(frozen=True)
