@@ -28,6 +28,10 @@ own dtype. Arguments reaching an implementation are already validated by
 elements, `make_ddf_op` returns zeros (and zero gradients) of the right shapes
 and dtypes without calling the implementation, so no kernel is launched on an
 empty grid.
+
+It also holds what both GPU implementations share: `LaunchConfig` (one
+kernel's tile and launch options) and `BlockSizes` (both kernels' launch
+configurations, the tuned-table lookup and the one tile heuristic).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+
+from . import tuning
 
 Combine = Literal["mul", "add"]
 COMBINES = ("mul", "add")
@@ -85,6 +91,120 @@ class DDFConfig:
 
 class ImplementationUnavailable(RuntimeError):
     """An implementation cannot run here (wrong platform or missing package)."""
+
+
+def next_power_of_2(value: int) -> int:
+    """The smallest power of two >= value (1 for value <= 1)."""
+    return 1 if value <= 1 else 1 << (int(value) - 1).bit_length()
+
+
+def _is_power_of_2(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How one GPU kernel is launched: its tile and Triton's options.
+
+    Attributes:
+        block_pixels: flattened pixels per tile (a power of two: the Triton
+            lowering needs power-of-two array sizes).
+        block_channels: channels per tile (a power of two).
+        num_warps: warps per program (a power of two).
+        num_stages: Triton's software-pipelining stages (>= 1).
+    """
+
+    block_pixels: int
+    block_channels: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("block_pixels", "block_channels", "num_warps"):
+            if not _is_power_of_2(getattr(self, name)):
+                value = getattr(self, name)
+                raise ValueError(f"LaunchConfig.{name} must be a positive power of two, got {value!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"LaunchConfig.num_stages must be a positive int, got {self.num_stages!r}")
+
+    def describe(self) -> str:
+        """Short text such as "64x32 w4 s1" (pixels x channels, warps, stages)."""
+        return f"{self.block_pixels}x{self.block_channels} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Launch configurations of a GPU implementation's two kernels (frozen, hashable).
+
+    Each GPU implementation subclasses it and names itself in
+    `implementation` (the key of its tuned entries). Tiles change speed, never
+    results: every kernel masks the edges of partial tiles.
+
+    Attributes:
+        forward: the forward kernel: a tile of output pixels x channels.
+        backward: the fused backward kernel: a tile of output pixels x the
+            channels of one step of its loop over a head's channels.
+    """
+
+    implementation: ClassVar[str] = ""
+    forward: LaunchConfig
+    backward: LaunchConfig
+
+    def __post_init__(self):
+        for role in tuning.ROLES:
+            if not isinstance(getattr(self, role), LaunchConfig):
+                raise TypeError(f"BlockSizes.{role} must be a LaunchConfig, got {getattr(self, role)!r}")
+
+    @classmethod
+    def get_default(cls, x, channel_filter, spatial_filter, config: DDFConfig):
+        """The tuned configuration of this call's shape class on this device, else `heuristic`.
+
+        Args:
+            x: (N, H, W, C) array or `jax.ShapeDtypeStruct`.
+            channel_filter: (N, C, K).
+            spatial_filter: (N, Ho, Wo, G, K).
+            config: the static `DDFConfig`.
+        """
+        del channel_filter
+        heads = spatial_filter.shape[3]
+        key = tuning.shape_class(cls.implementation, x.dtype, x.shape[-1], heads, config.taps)
+        tuned = tuning.lookup(key)
+        if tuned is not None:
+            return cls(**{role: LaunchConfig(*tuned[role]) for role in tuning.ROLES})
+        return cls.heuristic(x, spatial_filter, config)
+
+    @classmethod
+    def heuristic(cls, x, spatial_filter, config: DDFConfig):
+        """Untuned starting points for both GPU implementations, whose kernels have the same structure.
+
+        Chosen from the sm_90 compile report (`experiments/kernel_report.py`;
+        BENCHMARKS.md, "static, no GPU"), not from GPU timings:
+
+        - forward: rows of 128 bytes of channels and 4 KB of x per tap and
+          tile (2 KB when K > 9), 4 warps, aiming at no more than 128
+          registers for the accumulator and the loads in flight;
+        - backward: rows of 32 bytes of channels (one DRAM sector) and 8 tile
+          elements per thread (4 to 8 warps); BP = 128 pixels for K <= 9 and
+          64 above, as large as the (BP, kp, kp) d_spatial_filter accumulator
+          allows, because the d_channel_filter partials cost 4K / (BP *
+          itemsize) of grad_out's bytes, twice.
+
+        Pixel tiles never exceed the image (rounded up to a power of two, at
+        least 16).
+        """
+        itemsize = jnp.dtype(x.dtype).itemsize
+        channels, group = x.shape[-1], x.shape[-1] // spatial_filter.shape[3]
+        pixel_cap = max(16, next_power_of_2(spatial_filter.shape[1] * spatial_filter.shape[2]))
+        forward_channels = min(next_power_of_2(channels), 128 // itemsize)
+        tile_bytes = 4096 if config.taps <= 9 else 2048
+        forward_pixels = min(max(tile_bytes // (forward_channels * itemsize), 16), 256, pixel_cap)
+        backward_channels = min(next_power_of_2(group), max(1, 32 // itemsize))
+        backward_pixels = min(128 if config.taps <= 9 else 64, pixel_cap)
+        backward_warps = max(4, min(8, backward_pixels * backward_channels // 256))
+        return cls(
+            LaunchConfig(forward_pixels, forward_channels, num_warps=4),
+            LaunchConfig(backward_pixels, backward_channels, num_warps=backward_warps),
+        )
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:

@@ -8,53 +8,83 @@ head g(c) = c // (C // G)):
 
 with x zero outside the image and comb = product ("mul") or sum ("add").
 
-Memory layout (all arrays row-major, channels last, so a run of channels is
-contiguous in memory):
+Memory layout (row-major, channels last, so a run of channels is contiguous):
 
-    x               (N, H, W, C)
+    x, dx           (N, H, W, C)
     channel_filter  (N, C, K)             taps of one channel contiguous
     spatial_filter  (N, Ho, Wo, G, K)     taps of one (pixel, head) contiguous
     out / grad_out  (N, Ho, Wo, C)        Ho = ceil(H / s), Wo = ceil(W / s)
+    dcf partials    (N, P, K, C)          float32 (float64 for float64 inputs); P pixel tiles
 
-Every kernel flattens the (row, column) plane of the grid it walks into one
-pixel axis, so that a tile of BP pixels wastes no lanes when W is not a power
-of two, and works on (BP pixels) x (BC channels) tiles. Halos do not fit
-BlockSpecs (blocks cannot overlap), so the kernels take whole-array refs and
-do one masked gather-load per tap; taps are unrolled in Python. Indices used
-for loads are clamped into the array (the Triton lowering widens indices with
-zero extension, so a negative index would become a huge offset) and the mask
-zeroes what lies outside; stores use the unclamped indices and a mask.
+Both kernels flatten the output's (row, column) plane into one pixel axis, so
+that a tile of BP pixels wastes no lanes when Wo is not a power of two, and
+work on (BP pixels) x (BC channels) tiles. Halos do not fit BlockSpecs (blocks
+cannot overlap), so the kernels take whole-array refs and do one masked
+gather-load per tap. Tap rows are a `lax.fori_loop` and tap columns are
+unrolled in Python, so code size, compile time and the loads the compiler
+keeps in flight (registers) grow with k rather than k*k. Tap rows and columns can
+fall outside the image: those indices are clamped to >= 0 before the load
+(the Triton lowering widens indices with zero extension, so a negative index
+would become a huge offset) and masked. The channel index is never clamped:
+it is never negative, the lanes past C are masked, and a clamp would hide its
+contiguity from Triton (which then loads element by element). Every load and
+store is masked.
 
 Kernels:
 
-- `ddf_fwd_kernel`: grid (pixel tiles of the output, channel tiles, N).
-  Accumulates x_t * comb(sf_t, cf_t) over the taps in float32 (float64 for
-  float64 inputs) and stores in x's dtype.
-- `ddf_bwd_dx_kernel`: the transposed stencil written as a gather over output
-  positions, so no atomics are needed and the result is deterministic. Grid
-  (pixel tiles of the input, channel tiles, N). For input row y and tap row
-  offset dy the source output row is (y - dy) / s, valid when it is a
-  non-negative integer below Ho (same for columns):
+- `ddf_fwd_kernel`, grid (output pixel tiles, channel tiles, N): accumulates
+  x_t * comb(sf_t, cf_t) over the taps in float32 (float64 for float64
+  inputs) and stores in x's dtype.
+- `ddf_bwd_kernel`, the whole backward pass in one kernel, grid (output pixel
+  tiles, G, N). A program owns BP output pixels and one head, and loops over
+  the head's channels in steps of BC. Per step it
+  - writes dx for the input pixels its output pixels own: output pixel (i, j)
+    owns the stride phases (i*s + a, j*s + b), 0 <= a, b < s. Tap t reaches
+    phase (a, b) from output pixel (i + (a - dy_t) / s, j + (b - dx_t) / s)
+    when both divisions are exact (known statically), so each phase is a
+    gather over its own taps of
 
-      dx[n, y, x, c] = sum_t g[n, i_t, j_t, c] * comb(sf[n, i_t, j_t, g(c), t], cf[n, c, t])
+        dx[n, y, x, c] = sum_t g[n, i_t, j_t, c] * comb(sf[n, i_t, j_t, g(c), t], cf[n, c, t])
 
-- `ddf_bwd_filters_kernel`: d_spatial_filter and d_channel_filter together,
-  as both need the products g * x_t. Grid (output pixel tiles, G, N); each
-  program loops over its head's channel tiles with `lax.fori_loop`, carrying
-  K per-pixel accumulators for
+    with no atomics: every input pixel has exactly one owner;
+  - loads grad_out at its own pixels once and, per tap, x_t once, and adds
+    per pixel
 
-      dsf[n, i, j, g, t] = sum_{c in head g} g[n, i, j, c] * x_t[n, i, j, c] (* cf[n, c, t])
+        dsf[n, i, j, g, t] = sum_{c in head g} g[n, i, j, c] * x_t[n, i, j, c] (* cf[n, c, t])
 
-  and writes, per channel tile and tap, the partial sum over its pixels of
+    into one (BP, kp, kp) accumulator indexed [pixel, ky, kx] (kp =
+    next_pow2(k)), written once at the end in the spatial filter's dtype;
+  - writes per tap and channel the partial sum over its pixels of
 
-      dcf[n, c, t] = sum_{i, j} g[n, i, j, c] * x_t[n, i, j, c] (* sf[n, i, j, g(c), t])
+        dcf[n, c, t] = sum_{i, j} g[n, i, j, c] * x_t[n, i, j, c] (* sf[n, i, j, g(c), t])
 
-  into a (N, pixel tiles, C, K) buffer that XLA then sums over the tile axis:
-  a deterministic two-stage reduction instead of atomics.
+    into the partials, which XLA sums over the tile axis afterwards: a
+    deterministic two-stage reduction instead of atomics.
+  dx is stored in x's dtype and dsf in the spatial filter's dtype, cast at the
+  store.
 
-Tile sizes and launch options (`tuning.BlockSizes`, one `LaunchConfig` per
-kernel) come from `tuning.py`: a tuned table entry for the call's shape class
-on this device kind, else a heuristic.
+Bytes moved, with X the bytes of x (and of dx), O those of out (and of
+grad_out), SF / CF those of the spatial / channel filter and PART =
+4 * N * P * K * C those of the float32 partials, reading each input once
+(the tap halos and the filters that neighbouring tiles share come from
+cache):
+
+    ddf_fwd_kernel    reads X + SF + CF             writes O
+    ddf_bwd_kernel    reads X + O + SF + CF         writes X + SF + PART
+    XLA partial sum   reads PART                    writes CF
+
+The fwd+bwd minimum is 3X + 2O + 3SF + 3CF (x read by both passes and dx
+written, out written and grad_out read, the filters read twice and their
+gradients written once), so the design moves 2 * PART more. PART / O is
+4K / (BP * itemsize) at stride 1 (float32 partials): the backward pixel tile
+BP sets it, and K makes it grow. `experiments/kernel_report.py` evaluates
+these at given shapes. Two separate backward kernels (dx; then the filter
+gradients) would read grad_out twice, one O more.
+
+Tile sizes and launch options are a `BlockSizes` (one `LaunchConfig` per
+kernel): a tuned entry of `tuning_table.json` for the device, else the
+heuristic of `common.BlockSizes`, shared with `jax_triton` (the kernels of both
+have the same structure).
 
 On a CUDA GPU (`common.GPU_PLATFORMS`) the calls always carry
 `pltriton.CompilerParams`, which selects the Triton lowering (without it Pallas
@@ -64,6 +94,7 @@ would pick Mosaic GPU). On the CPU the same kernels run with `interpret=True`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -73,30 +104,32 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from . import tuning
+from . import common
 from .common import (
     GPU_PLATFORMS,
     DDFConfig,
     ImplementationUnavailable,
+    LaunchConfig,
     accumulation_dtype,
     combine_filters,
     make_ddf_op,
+    next_power_of_2,
 )
-from .tuning import BlockSizes
 
 # Where the kernels run in Pallas interpret mode instead (slow; for tests).
 INTERPRET_PLATFORMS = ("cpu",)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSizes(common.BlockSizes):
+    """Launch configurations of `ddf_fwd_kernel` and `ddf_bwd_kernel` (see `common.BlockSizes`)."""
+
+    implementation = "pallas_triton"
+
+
 # --------------------------------------------------------------------------
 # Helpers used inside the kernels.
 # --------------------------------------------------------------------------
-
-
-def _flat_pixels(block_pixels: int, width: int, size: int):
-    """This program's flattened pixel ids as (row, column, valid) of shape (BP,)."""
-    pixel = pl.program_id(0) * block_pixels + jnp.arange(block_pixels, dtype=jnp.int32)
-    return _div(pixel, width), _rem(pixel, width), pixel < size
 
 
 def _div(index, divisor: int):
@@ -109,9 +142,20 @@ def _rem(index, divisor: int):
     return lax.rem(index, np.asarray(divisor, index.dtype))
 
 
-def _clamp(index, size: int):
-    """Clamps an index array into [0, size - 1] for a safe masked load."""
-    return jnp.minimum(jnp.maximum(index, 0), size - 1)
+def _pixel_tile(tile, block_pixels: int, width: int, size: int):
+    """Flattened pixel ids of pixel tile `tile` as (row, column, valid), each (BP,)."""
+    pixel = pl.multiple_of(tile * block_pixels, block_pixels) + jnp.arange(block_pixels, dtype=jnp.int32)
+    return _div(pixel, width), _rem(pixel, width), pixel < size
+
+
+def _channel_tile(start, block_channels: int):
+    """Channels start, ..., start + BC - 1 for `start` a multiple of BC (never clamped: see above)."""
+    return pl.multiple_of(start, block_channels) + jnp.arange(block_channels, dtype=jnp.int32)
+
+
+def _inside(index, size: int):
+    """(index clamped to >= 0, whether 0 <= index < size): a safe masked gather index."""
+    return jnp.maximum(index, 0), (index >= 0) & (index < size)
 
 
 def _load(ref_view, mask, dtype):
@@ -119,20 +163,9 @@ def _load(ref_view, mask, dtype):
     return pltriton.load(ref_view, mask=mask, other=0).astype(dtype)
 
 
-def _source_of_input(index, offset: int, stride: int, out_size: int):
-    """Output index o with o * stride + offset == index, and whether it exists.
-
-    Used by dx: input row `index` receives tap `offset` from output row
-    (index - offset) / stride when that is a non-negative integer < out_size.
-    The division is done on clamped, non-negative values only.
-    """
-    shifted = index - offset
-    if stride == 1:
-        return shifted, (shifted >= 0) & (shifted < out_size)
-    nonnegative = jnp.maximum(shifted, 0)
-    source = _div(nonnegative, stride)
-    valid = (shifted >= 0) & (_rem(nonnegative, stride) == 0) & (source < out_size)
-    return source, valid
+def _tap_weight(spatial_tap, channel_tap, combine: str):
+    """comb(sf, cf) of one tap as a (BP, BC) (or broadcastable) tile, from sf (BP,) and cf (BC,)."""
+    return combine_filters(spatial_tap[:, None], channel_tap[None, :], combine)
 
 
 # --------------------------------------------------------------------------
@@ -141,15 +174,7 @@ def _source_of_input(index, offset: int, stride: int, out_size: int):
 
 
 def ddf_fwd_kernel(
-    x_ref,
-    channel_filter_ref,
-    spatial_filter_ref,
-    out_ref,
-    *,
-    config: DDFConfig,
-    block_pixels: int,
-    block_channels: int,
-    acc_dtype,
+    x_ref, channel_filter_ref, spatial_filter_ref, out_ref, *, config, block_pixels, block_channels
 ):
     """One (BP output pixels) x (BC channels) tile of the DDF output.
 
@@ -158,37 +183,46 @@ def ddf_fwd_kernel(
     """
     _, height, width, channels = x_ref.shape
     _, out_h, out_w, heads, _ = spatial_filter_ref.shape
+    acc_dtype = accumulation_dtype(x_ref.dtype, channel_filter_ref.dtype, spatial_filter_ref.dtype)
     batch = pl.program_id(2)
-    row, col, pixel_valid = _flat_pixels(block_pixels, out_w, out_h * out_w)
-    channel = pl.program_id(1) * block_channels + jnp.arange(block_channels, dtype=jnp.int32)
+    row, col, pixel_valid = _pixel_tile(pl.program_id(0), block_pixels, out_w, out_h * out_w)
+    channel_start = pl.program_id(1) * block_channels
+    channel = _channel_tile(channel_start, block_channels)
     channel_valid = channel < channels
-    channel_safe = _clamp(channel, channels)
-    row_safe, col_safe = _clamp(row, out_h), _clamp(col, out_w)
-    head = _div(channel_safe, channels // heads)
+    group = channels // heads
+    # One head for the whole channel tile: the spatial filter is then a (BP,)
+    # vector per tap instead of a (BP, BC) gather.
+    one_head_per_tile = heads == 1 or group % block_channels == 0
+    head = channel_start // group if one_head_per_tile else _div(channel, group)
 
-    acc = jnp.zeros((block_pixels, block_channels), acc_dtype)
-    for t, dy, dx in config.tap_offsets():
-        in_row = row * config.stride + dy
-        in_col = col * config.stride + dx
-        tap_valid = pixel_valid & (in_row >= 0) & (in_row < height) & (in_col >= 0) & (in_col < width)
-        in_row, in_col = _clamp(in_row, height), _clamp(in_col, width)
-        x_tap = _load(
-            x_ref.at[batch, in_row[:, None], in_col[:, None], channel_safe[None, :]],
-            tap_valid[:, None] & channel_valid[None, :],
-            acc_dtype,
-        )
-        channel_tap = _load(channel_filter_ref.at[batch, channel_safe, t], channel_valid, acc_dtype)
-        if heads == 1:
-            spatial_tap = _load(
-                spatial_filter_ref.at[batch, row_safe, col_safe, 0, t], pixel_valid, acc_dtype
-            )[:, None]
-        else:
-            spatial_tap = _load(
-                spatial_filter_ref.at[batch, row_safe[:, None], col_safe[:, None], head[None, :], t],
-                pixel_valid[:, None] & channel_valid[None, :],
+    k, r, d = config.kernel_size, config.radius, config.dilation
+
+    def tap_row(ky, acc):
+        in_row, row_valid = _inside(row * config.stride + (ky - r) * d, height)
+        for kx in range(k):
+            tap = ky * k + kx
+            in_col, col_valid = _inside(col * config.stride + (kx - r) * d, width)
+            tap_valid = pixel_valid & row_valid & col_valid
+            x_tap = _load(
+                x_ref.at[batch, in_row[:, None], in_col[:, None], channel[None, :]],
+                tap_valid[:, None] & channel_valid[None, :],
                 acc_dtype,
             )
-        acc += x_tap * combine_filters(spatial_tap, channel_tap[None, :], config.combine)
+            channel_tap = _load(channel_filter_ref.at[batch, channel, tap], channel_valid, acc_dtype)
+            if one_head_per_tile:
+                spatial_tap = _load(spatial_filter_ref.at[batch, row, col, head, tap], pixel_valid, acc_dtype)
+                weight = _tap_weight(spatial_tap, channel_tap, config.combine)
+            else:
+                spatial_tap = _load(
+                    spatial_filter_ref.at[batch, row[:, None], col[:, None], head[None, :], tap],
+                    pixel_valid[:, None] & channel_valid[None, :],
+                    acc_dtype,
+                )
+                weight = combine_filters(spatial_tap, channel_tap[None, :], config.combine)
+            acc += x_tap * weight
+        return acc
+
+    acc = lax.fori_loop(0, k, tap_row, jnp.zeros((block_pixels, block_channels), acc_dtype))
 
     pltriton.store(
         out_ref.at[batch, row[:, None], col[:, None], channel[None, :]],
@@ -198,76 +232,35 @@ def ddf_fwd_kernel(
 
 
 # --------------------------------------------------------------------------
-# Backward: dx.
+# Backward: dx, d_spatial_filter and the d_channel_filter partials in one pass.
 # --------------------------------------------------------------------------
 
 
-def ddf_bwd_dx_kernel(
-    channel_filter_ref,
-    spatial_filter_ref,
-    grad_out_ref,
-    dx_ref,
-    *,
-    config: DDFConfig,
-    block_pixels: int,
-    block_channels: int,
-):
-    """One (BP input pixels) x (BC channels) tile of dx, gathered from grad_out.
+def _phase_taps(config: DDFConfig, phase_row: int, phase_col: int):
+    """The taps that reach stride phase (a, b), as tap rows (first, step, count) and tap columns.
 
-    Refs are whole arrays: channel_filter_ref (N, C, K), spatial_filter_ref
-    (N, Ho, Wo, G, K), grad_out_ref (N, Ho, Wo, C), dx_ref (N, H, W, C) in the
-    accumulation dtype.
+    Input pixel (i*s + a, j*s + b) receives tap (ky, kx) from output pixel
+    (i + (a - dy) / s, j + (b - dx) / s) when both divisions are exact. The
+    rows ky that qualify form an arithmetic progression (the solutions of
+    d * (ky - r) = a mod s), so a loop can walk them. Returns
+    ((first ky, ky step, count, source row step of the first, source row
+    step per iteration), [(kx, source column step)]).
     """
-    _, height, width, channels = dx_ref.shape
-    _, out_h, out_w, heads, _ = spatial_filter_ref.shape
-    acc_dtype = dx_ref.dtype
-    batch = pl.program_id(2)
-    row, col, pixel_valid = _flat_pixels(block_pixels, width, height * width)
-    channel = pl.program_id(1) * block_channels + jnp.arange(block_channels, dtype=jnp.int32)
-    channel_valid = channel < channels
-    channel_safe = _clamp(channel, channels)
-    head = _div(channel_safe, channels // heads)
-
-    acc = jnp.zeros((block_pixels, block_channels), acc_dtype)
-    for t, dy, dx in config.tap_offsets():
-        out_row, row_valid = _source_of_input(row, dy, config.stride, out_h)
-        out_col, col_valid = _source_of_input(col, dx, config.stride, out_w)
-        tap_valid = pixel_valid & row_valid & col_valid
-        out_row, out_col = _clamp(out_row, out_h), _clamp(out_col, out_w)
-        mask = tap_valid[:, None] & channel_valid[None, :]
-        grad_tap = _load(
-            grad_out_ref.at[batch, out_row[:, None], out_col[:, None], channel_safe[None, :]], mask, acc_dtype
-        )
-        channel_tap = _load(channel_filter_ref.at[batch, channel_safe, t], channel_valid, acc_dtype)
-        if heads == 1:
-            spatial_tap = _load(
-                spatial_filter_ref.at[batch, out_row, out_col, 0, t], tap_valid, acc_dtype
-            )[:, None]
-        else:
-            spatial_tap = _load(
-                spatial_filter_ref.at[batch, out_row[:, None], out_col[:, None], head[None, :], t],
-                mask,
-                acc_dtype,
-            )
-        acc += grad_tap * combine_filters(spatial_tap, channel_tap[None, :], config.combine)
-
-    pltriton.store(
-        dx_ref.at[batch, row[:, None], col[:, None], channel[None, :]],
-        acc,
-        mask=pixel_valid[:, None] & channel_valid[None, :],
-    )
+    s, d, r, k = config.stride, config.dilation, config.radius, config.kernel_size
+    rows = [ky for ky in range(k) if (phase_row - (ky - r) * d) % s == 0]
+    cols = [(kx, (phase_col - (kx - r) * d) // s) for kx in range(k) if (phase_col - (kx - r) * d) % s == 0]
+    if not rows:
+        return (0, 1, 0, 0, 0), cols
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    return (rows[0], step, len(rows), (phase_row - (rows[0] - r) * d) // s, step * d // s), cols
 
 
-# --------------------------------------------------------------------------
-# Backward: d_spatial_filter and d_channel_filter.
-# --------------------------------------------------------------------------
-
-
-def ddf_bwd_filters_kernel(
+def ddf_bwd_kernel(
     x_ref,
     channel_filter_ref,
     spatial_filter_ref,
     grad_out_ref,
+    dx_ref,
     d_spatial_filter_ref,
     d_channel_filter_partial_ref,
     *,
@@ -275,79 +268,104 @@ def ddf_bwd_filters_kernel(
     block_pixels: int,
     block_channels: int,
 ):
-    """dsf for BP output pixels of one head, and that tile's partial dcf sums.
+    """dx, dsf and the dcf partials of BP output pixels and one head (see the module docstring).
 
-    Refs are whole arrays: x_ref (N, H, W, C), channel_filter_ref (N, C, K),
-    spatial_filter_ref (N, Ho, Wo, G, K), grad_out_ref (N, Ho, Wo, C),
-    d_spatial_filter_ref (N, Ho, Wo, G, K) and d_channel_filter_partial_ref
-    (N, pixel tiles, C, K), both in the accumulation dtype.
+    Refs are whole arrays: x_ref and dx_ref (N, H, W, C), channel_filter_ref
+    (N, C, K), spatial_filter_ref and d_spatial_filter_ref (N, Ho, Wo, G, K),
+    grad_out_ref (N, Ho, Wo, C), d_channel_filter_partial_ref (N, P, K, C).
     """
     _, height, width, channels = x_ref.shape
-    _, out_h, out_w, heads, taps = spatial_filter_ref.shape
-    acc_dtype = d_spatial_filter_ref.dtype
+    _, out_h, out_w, heads, _ = spatial_filter_ref.shape
+    acc_dtype = d_channel_filter_partial_ref.dtype
+    k, r, d, stride = config.kernel_size, config.radius, config.dilation, config.stride
     pixel_tile, head, batch = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row, col, pixel_valid = _flat_pixels(block_pixels, out_w, out_h * out_w)
-    row_safe, col_safe = _clamp(row, out_h), _clamp(col, out_w)
+    row, col, pixel_valid = _pixel_tile(pixel_tile, block_pixels, out_w, out_h * out_w)
     group = channels // heads
-    tap_offsets = config.tap_offsets()
+    tap_rows = jnp.arange(next_power_of_2(k), dtype=jnp.int32)
+    tap_cols = tap_rows
 
-    # Per tap: where x is read and whether that lies inside the image. These
-    # do not depend on the channel, so they are computed once.
-    x_rows, x_cols, x_valid = [], [], []
-    for _, dy, dx in tap_offsets:
-        in_row = row * config.stride + dy
-        in_col = col * config.stride + dx
-        x_valid.append(pixel_valid & (in_row >= 0) & (in_row < height) & (in_col >= 0) & (in_col < width))
-        x_rows.append(_clamp(in_row, height))
-        x_cols.append(_clamp(in_col, width))
-
-    def channel_tile_step(channel_tile, d_spatial_accs):
-        offset = channel_tile * block_channels + jnp.arange(block_channels, dtype=jnp.int32)
+    def channel_step(channel_tile, d_spatial_acc):
+        offset = _channel_tile(channel_tile * block_channels, block_channels)
         channel_valid = offset < group
         channel = head * group + offset
-        channel_safe = _clamp(channel, channels)
-        grad = _load(
-            grad_out_ref.at[batch, row_safe[:, None], col_safe[:, None], channel_safe[None, :]],
-            pixel_valid[:, None] & channel_valid[None, :],
-            acc_dtype,
-        )
-        new_accs = []
-        for (t, _, _), x_row, x_col, valid, d_spatial_acc in zip(
-            tap_offsets, x_rows, x_cols, x_valid, d_spatial_accs
-        ):
-            x_tap = _load(
-                x_ref.at[batch, x_row[:, None], x_col[:, None], channel_safe[None, :]],
+
+        def load_tile(ref, rows, cols, valid):
+            return _load(
+                ref.at[batch, rows[:, None], cols[:, None], channel[None, :]],
                 valid[:, None] & channel_valid[None, :],
                 acc_dtype,
             )
-            grad_x = grad * x_tap
-            if config.combine == "mul":
-                channel_tap = _load(channel_filter_ref.at[batch, channel_safe, t], channel_valid, acc_dtype)
-                spatial_tap = _load(
-                    spatial_filter_ref.at[batch, row_safe, col_safe, head, t], pixel_valid, acc_dtype
-                )
-                d_spatial_part = jnp.sum(grad_x * channel_tap[None, :], axis=1)
-                d_channel_part = jnp.sum(grad_x * spatial_tap[:, None], axis=0)
-            else:
-                d_spatial_part = jnp.sum(grad_x, axis=1)
-                d_channel_part = jnp.sum(grad_x, axis=0)
-            pltriton.store(
-                d_channel_filter_partial_ref.at[batch, pixel_tile, channel, t],
-                d_channel_part,
-                mask=channel_valid,
-            )
-            new_accs.append(d_spatial_acc + d_spatial_part)
-        return tuple(new_accs)
 
-    num_channel_tiles = pl.cdiv(group, block_channels)
-    initial = tuple(jnp.zeros((block_pixels,), acc_dtype) for _ in range(taps))
-    d_spatial_accs = lax.fori_loop(0, num_channel_tiles, channel_tile_step, initial)
-    for t, d_spatial_acc in enumerate(d_spatial_accs):
-        pltriton.store(
-            d_spatial_filter_ref.at[batch, row, col, head, t],
-            d_spatial_acc,
-            mask=pixel_valid,
-        )
+        def channel_tap(tap):
+            return _load(channel_filter_ref.at[batch, channel, tap], channel_valid, acc_dtype)
+
+        def spatial_tap(rows, cols, valid, tap):
+            return _load(spatial_filter_ref.at[batch, rows, cols, head, tap], valid, acc_dtype)
+
+        # dx, one stride phase at a time: loop over the phase's tap rows.
+        for phase_row in range(stride):
+            for phase_col in range(stride):
+                rows, cols = _phase_taps(config, phase_row, phase_col)
+                first, step, count, row_step, row_step_delta = rows
+
+                def phase_row_step(index, acc):
+                    ky = first + index * step
+                    src_row, row_valid = _inside(row + row_step - index * row_step_delta, out_h)
+                    for kx, col_step in cols:
+                        tap = ky * k + kx
+                        src_col, col_valid = _inside(col + col_step, out_w)
+                        valid = pixel_valid & row_valid & col_valid
+                        grad_tap = load_tile(grad_out_ref, src_row, src_col, valid)
+                        spatial = spatial_tap(src_row, src_col, valid, tap)
+                        acc += grad_tap * _tap_weight(spatial, channel_tap(tap), config.combine)
+                    return acc
+
+                acc = jnp.zeros((block_pixels, block_channels), acc_dtype)
+                if count and cols:
+                    acc = lax.fori_loop(0, count, phase_row_step, acc)
+                in_row, in_col = row * stride + phase_row, col * stride + phase_col
+                in_image = pixel_valid & (in_row < height) & (in_col < width)
+                pltriton.store(
+                    dx_ref.at[batch, in_row[:, None], in_col[:, None], channel[None, :]],
+                    acc.astype(dx_ref.dtype),
+                    mask=in_image[:, None] & channel_valid[None, :],
+                )
+
+        # dsf and the dcf partials, from grad_out at the tile's own pixels.
+        grad = load_tile(grad_out_ref, row, col, pixel_valid)
+
+        def filter_row_step(ky, d_spatial_acc):
+            in_row, row_valid = _inside(row * stride + (ky - r) * d, height)
+            row_parts = jnp.zeros((block_pixels, tap_cols.shape[0]), acc_dtype)
+            for kx in range(k):
+                tap = ky * k + kx
+                in_col, col_valid = _inside(col * stride + (kx - r) * d, width)
+                grad_x = grad * load_tile(x_ref, in_row, in_col, pixel_valid & row_valid & col_valid)
+                if config.combine == "mul":
+                    spatial = spatial_tap(row, col, pixel_valid, tap)
+                    d_spatial_part = jnp.sum(grad_x * channel_tap(tap)[None, :], axis=1)
+                    d_channel_part = jnp.sum(grad_x * spatial[:, None], axis=0)
+                else:
+                    d_spatial_part = jnp.sum(grad_x, axis=1)
+                    d_channel_part = jnp.sum(grad_x, axis=0)
+                pltriton.store(
+                    d_channel_filter_partial_ref.at[batch, pixel_tile, tap, channel],
+                    d_channel_part,
+                    mask=channel_valid,
+                )
+                row_parts += jnp.where(tap_cols[None, :] == kx, d_spatial_part[:, None], 0)
+            return d_spatial_acc + jnp.where(tap_rows[None, :, None] == ky, row_parts[:, None, :], 0)
+
+        return lax.fori_loop(0, k, filter_row_step, d_spatial_acc)
+
+    initial = jnp.zeros((block_pixels, tap_rows.shape[0], tap_cols.shape[0]), acc_dtype)
+    d_spatial_acc = lax.fori_loop(0, pl.cdiv(group, block_channels), channel_step, initial)
+    tap = tap_rows[None, :, None] * k + tap_cols[None, None, :]
+    pltriton.store(
+        d_spatial_filter_ref.at[batch, row[:, None, None], col[:, None, None], head, tap],
+        d_spatial_acc.astype(d_spatial_filter_ref.dtype),
+        mask=pixel_valid[:, None, None] & (tap_rows[None, :, None] < k) & (tap_cols[None, None, :] < k),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -355,33 +373,14 @@ def ddf_bwd_filters_kernel(
 # --------------------------------------------------------------------------
 
 
-def _compiler_params(launch: tuning.LaunchConfig):
+def _compiler_params(launch: LaunchConfig):
     # Always given: without Triton compiler params a GPU pallas_call is
     # routed to Mosaic GPU, which these kernels are not written for.
     return pltriton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
-def _launch_config(x, spatial_filter, config: DDFConfig, block_sizes: BlockSizes | None, role: str):
-    """One kernel's tiles and launch options: from `block_sizes`, else `tuning.BlockSizes.get_default`."""
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(
-            "pallas_triton",
-            channels=x.shape[-1],
-            taps=config.taps,
-            heads=spatial_filter.shape[3],
-            dtype=x.dtype,
-        )
-    return block_sizes.for_role(role)
-
-
 def forward(
-    x,
-    channel_filter,
-    spatial_filter,
-    config: DDFConfig,
-    *,
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
+    x, channel_filter, spatial_filter, config: DDFConfig, *, block_sizes=None, interpret: bool = False
 ):
     """DDF forward with `ddf_fwd_kernel`.
 
@@ -390,8 +389,8 @@ def forward(
         channel_filter: (N, C, K).
         spatial_filter: (N, Ho, Wo, G, K).
         config: the static `DDFConfig`.
+        block_sizes: tiles; None for `BlockSizes.get_default`.
         interpret: run the kernel in Pallas interpret mode (any platform).
-        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
 
     Returns:
         (N, Ho, Wo, C) in x's dtype, accumulated in float32 (float64 when any
@@ -399,23 +398,17 @@ def forward(
     """
     n, _, _, channels = x.shape
     _, out_h, out_w, _, _ = spatial_filter.shape
-    launch = _launch_config(x, spatial_filter, config, block_sizes, "forward")
-    acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype)
+    launch = (block_sizes or BlockSizes.get_default(x, channel_filter, spatial_filter, config)).forward
     kernel = functools.partial(
-        ddf_fwd_kernel,
-        config=config,
-        block_pixels=launch.block_pixels,
-        block_channels=launch.block_channels,
-        acc_dtype=acc_dtype,
+        ddf_fwd_kernel, config=config, block_pixels=launch.block_pixels, block_channels=launch.block_channels
     )
-    grid = (pl.cdiv(out_h * out_w, launch.block_pixels), pl.cdiv(channels, launch.block_channels), n)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, out_h, out_w, channels), x.dtype),
-        grid=grid,
+        grid=(pl.cdiv(out_h * out_w, launch.block_pixels), pl.cdiv(channels, launch.block_channels), n),
         interpret=interpret,
         compiler_params=_compiler_params(launch),
-        name="ddf_fwd",
+        name="ddf_fwd_kernel",
     )(x, channel_filter, spatial_filter)
 
 
@@ -426,10 +419,10 @@ def backward(
     grad_out,
     config: DDFConfig,
     *,
+    block_sizes=None,
     interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
 ):
-    """DDF backward with `ddf_bwd_dx_kernel` and `ddf_bwd_filters_kernel`.
+    """DDF backward with `ddf_bwd_kernel`, then XLA's sum of the d_channel_filter partials.
 
     Args:
         x: (N, H, W, C).
@@ -437,159 +430,63 @@ def backward(
         spatial_filter: (N, Ho, Wo, G, K).
         grad_out: (N, Ho, Wo, C), the cotangent of the output.
         config: the static `DDFConfig`.
-        interpret: run the kernels in Pallas interpret mode (any platform).
-        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
-
-    Returns:
-        (dx (N, H, W, C), d_channel_filter (N, C, K), d_spatial_filter
-        (N, Ho, Wo, G, K)), all in the accumulation dtype (float32, or float64
-        when any input is float64).
-    """
-    kwargs = dict(interpret=interpret, block_sizes=block_sizes)
-    dx = backward_dx(x, channel_filter, spatial_filter, grad_out, config, **kwargs)
-    d_channel_filter, d_spatial_filter = backward_filters(
-        x, channel_filter, spatial_filter, grad_out, config, **kwargs
-    )
-    return dx, d_channel_filter, d_spatial_filter
-
-
-def backward_dx(
-    x,
-    channel_filter,
-    spatial_filter,
-    grad_out,
-    config: DDFConfig,
-    *,
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
-):
-    """dx with `ddf_bwd_dx_kernel`: the first half of `backward`.
-
-    Args:
-        x: (N, H, W, C); only its shape and dtype are used.
-        channel_filter: (N, C, K).
-        spatial_filter: (N, Ho, Wo, G, K).
-        grad_out: (N, Ho, Wo, C), the cotangent of the output.
-        config: the static `DDFConfig`.
+        block_sizes: tiles; None for `BlockSizes.get_default`.
         interpret: run the kernel in Pallas interpret mode (any platform).
-        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
 
     Returns:
-        dx, (N, H, W, C) in the accumulation dtype.
-    """
-    n, height, width, channels = x.shape
-    launch = _launch_config(x, spatial_filter, config, block_sizes, "dx")
-    acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
-    dx_kernel = functools.partial(
-        ddf_bwd_dx_kernel,
-        config=config,
-        block_pixels=launch.block_pixels,
-        block_channels=launch.block_channels,
-    )
-    return pl.pallas_call(
-        dx_kernel,
-        out_shape=jax.ShapeDtypeStruct((n, height, width, channels), acc_dtype),
-        grid=(pl.cdiv(height * width, launch.block_pixels), pl.cdiv(channels, launch.block_channels), n),
-        interpret=interpret,
-        compiler_params=_compiler_params(launch),
-        name="ddf_bwd_dx",
-    )(channel_filter, spatial_filter, grad_out)
-
-
-def backward_filters(
-    x,
-    channel_filter,
-    spatial_filter,
-    grad_out,
-    config: DDFConfig,
-    *,
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
-):
-    """d_channel_filter and d_spatial_filter with `ddf_bwd_filters_kernel`: the second half of `backward`.
-
-    Args:
-        x: (N, H, W, C).
-        channel_filter: (N, C, K).
-        spatial_filter: (N, Ho, Wo, G, K).
-        grad_out: (N, Ho, Wo, C), the cotangent of the output.
-        config: the static `DDFConfig`.
-        interpret: run the kernel in Pallas interpret mode (any platform).
-        block_sizes: tiles; `tuning.BlockSizes.get_default` when None.
-
-    Returns:
-        (d_channel_filter (N, C, K), d_spatial_filter (N, Ho, Wo, G, K)), in
-        the accumulation dtype.
+        (dx (N, H, W, C) in x's dtype, d_channel_filter (N, C, K) in the
+        accumulation dtype, d_spatial_filter (N, Ho, Wo, G, K) in the
+        spatial filter's dtype).
     """
     n, _, _, channels = x.shape
     _, out_h, out_w, heads, taps = spatial_filter.shape
-    launch = _launch_config(x, spatial_filter, config, block_sizes, "filters")
+    launch = (block_sizes or BlockSizes.get_default(x, channel_filter, spatial_filter, config)).backward
     acc_dtype = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
-    filters_kernel = functools.partial(
-        ddf_bwd_filters_kernel,
-        config=config,
-        block_pixels=launch.block_pixels,
-        block_channels=launch.block_channels,
+    kernel = functools.partial(
+        ddf_bwd_kernel, config=config, block_pixels=launch.block_pixels, block_channels=launch.block_channels
     )
     pixel_tiles = pl.cdiv(out_h * out_w, launch.block_pixels)
-    d_spatial_filter, d_channel_filter_partial = pl.pallas_call(
-        filters_kernel,
+    dx, d_spatial_filter, partials = pl.pallas_call(
+        kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((n, out_h, out_w, heads, taps), acc_dtype),
-            jax.ShapeDtypeStruct((n, pixel_tiles, channels, taps), acc_dtype),
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(spatial_filter.shape, spatial_filter.dtype),
+            jax.ShapeDtypeStruct((n, pixel_tiles, taps, channels), acc_dtype),
         ),
         grid=(pixel_tiles, heads, n),
         interpret=interpret,
         compiler_params=_compiler_params(launch),
-        name="ddf_bwd_filters",
+        name="ddf_bwd_kernel",
     )(x, channel_filter, spatial_filter, grad_out)
-    # Second stage of the d_channel_filter reduction, in a fixed order.
-    d_channel_filter = jnp.sum(d_channel_filter_partial, axis=1)
-    return d_channel_filter, d_spatial_filter
-
-
-def make_op(interpret: bool, block_sizes: BlockSizes | None = None):
-    """Builds the custom-VJP op with fixed tiles (None: `tuning.BlockSizes.get_default` per call).
-
-    Args:
-        interpret: run the kernels in Pallas interpret mode instead of
-            compiling them with Triton for a GPU.
-        block_sizes: tiles for every call, or None for the shape-dependent
-            defaults.
-
-    Returns:
-        `op(x, channel_filter, spatial_filter, config) -> out` over canonical
-        arguments, made by `make_ddf_op`.
-    """
-    return _make_op(bool(interpret), block_sizes)
+    # Second stage of the d_channel_filter reduction, in a fixed order: (N, P, K, C) -> (N, C, K).
+    d_channel_filter = jnp.swapaxes(jnp.sum(partials, axis=1), 1, 2)
+    return dx, d_channel_filter, d_spatial_filter
 
 
 @functools.lru_cache(maxsize=None)
-def _make_op(interpret: bool, block_sizes: BlockSizes | None):
+def _op(interpret: bool, block_sizes: BlockSizes | None):
+    options = dict(block_sizes=block_sizes, interpret=interpret)
     # jit with the config static, so that eager calls are cached too (an eager
     # pallas_call retraces its kernel on every call).
-    forward_fn = jax.jit(
-        functools.partial(forward, interpret=interpret, block_sizes=block_sizes), static_argnums=(3,)
-    )
-    backward_fn = jax.jit(
-        functools.partial(backward, interpret=interpret, block_sizes=block_sizes), static_argnums=(4,)
-    )
-    name = "pallas_triton_interpret" if interpret else "pallas_triton"
-    return make_ddf_op(forward_fn, backward_fn, name)
+    forward_fn = jax.jit(functools.partial(forward, **options), static_argnums=(3,))
+    backward_fn = jax.jit(functools.partial(backward, **options), static_argnums=(4,))
+    return make_ddf_op(forward_fn, backward_fn, "pallas_triton_interpret" if interpret else "pallas_triton")
 
 
-def get_op(platform: str):
+def get_op(platform: str, block_sizes: BlockSizes | None = None):
     """The Pallas-Triton op: compiled on a CUDA GPU, interpreted on the CPU.
 
     Args:
         platform: a JAX platform name: one of `GPU_PLATFORMS` ("gpu",
             "cuda") compiles the kernels with Triton; "cpu" runs them in
             Pallas interpret mode (orders of magnitude slower; for tests).
+        block_sizes: fixed launch configurations for every call; None picks
+            `BlockSizes.get_default` per call.
 
     Returns:
         `op(x, channel_filter, spatial_filter, config) -> out`, a
         `jax.custom_vjp` function over canonical arguments (see
-        `ddf_jax.kernels.common`).
+        `ddf_jax.kernels.common`), cached per (platform kind, block_sizes).
 
     Raises:
         ImplementationUnavailable: any other platform (such as "rocm" or
@@ -597,9 +494,9 @@ def get_op(platform: str):
             usable speed.
     """
     if platform in GPU_PLATFORMS:
-        return make_op(interpret=False)
+        return _op(False, block_sizes)
     if platform in INTERPRET_PLATFORMS:
-        return make_op(interpret=True)
+        return _op(True, block_sizes)
     raise ImplementationUnavailable(
         f'implementation="pallas_triton" cannot run on platform {platform!r}: its kernels compile '
         f"only for CUDA GPUs (platforms {GPU_PLATFORMS}) and run in interpret mode only on "

@@ -2,38 +2,72 @@
 
 Runs on every backend. Layout and semantics are those of `common.py`.
 
-**Stride phases.** x is zero-padded by m = r*d on the top and left (and enough
-on the bottom and right), then split into its s*s stride phases:
+**Padding and windows.** x is zero-padded by m = r*d on the top and left (and
+enough on the bottom and right). Tap t with offset (dy, dx) then reads the
+strided window
 
-    phases[p, q, n, a, b, c] = x_padded[n, a*s + p, b*s + q, c]     (s, s, N, Hp/s, Wp/s, C)
+    window_t[n, i, j, c] = x_padded[n, m + dy + i*s, m + dx + j*s, c]
+                         = x[n, i*s + dy, j*s + dx, c]      (zero outside the image)
 
-Tap t with offset (dy, dx) then reads the *contiguous* window
-`phases[(m+dy) % s, (m+dx) % s, :, (m+dy)//s : ... + Ho, (m+dx)//s : ... + Wo, :]`,
-which equals `x[n, i*s + dy, j*s + dx, c]` on the output grid. For s = 1 the
-split is a free reshape.
+on the output grid. Every pass below is written as a sum over the k*k taps of
+such windows, unrolled, so that XLA fuses it into one loop over its output and
+never builds the k*k-times larger unfolded tensor. The forward and the
+backward pad x with the same instruction, so a jitted forward+backward keeps
+a single padded copy. Accumulation is in float32
+(float64 for float64 inputs); lower-precision inputs are cast inside the
+fused loops.
 
-**Forward.** `out = sum_t window_t * comb(sf[..., t], cf[:, t])`, unrolled over
-the k*k taps. Accumulation is in float32 (float64 for float64 inputs). The sum
-is written so that XLA can fuse it into one loop over the output and never
-build the k*k-times larger unfolded tensor. On the CPU backend (jax 0.10.2)
-this holds: at x (8, 56, 56, 64) float32 and k=3 the jitted forward's
-temporaries are 1.07x the bytes of x and the jitted gradient's 2.3x (an
-unfolded tensor alone would be 9x). On GPUs the same fusion is intended but
-has not been measured yet.
+**Forward.** `out = sum_t window_t * comb(sf[..., t], cf[:, t])`.
 
-**Backward**, written out (not autodiff of the forward), as one `lax.scan`
-over the taps so that only one tap's temporaries are alive at a time:
+**Backward**, written out (not autodiff of the forward):
 
-- dx: the transposed stencil as a gather. Each tap adds `g * comb_t` into the
-  same window of a phase-split gradient buffer (a dynamic-update-slice, no
-  scatter); merging the phases and cropping the padding gives dx.
+- dx: the transposed stencil as a gather over output positions. Input pixel
+  (y, x) with stride phase (py, px) = (y % s, x % s) receives tap t from
+  output pixel ((y - dy) / s, (x - dx) / s) when both divisions are exact, so
+  each phase is a fused sum over its taps of contiguous windows of the
+  zero-padded `grad_out`, times the matching window of `spatial_filter` (a
+  pad fused into the loop, so sf is never copied), times `cf[:, t]`.
+  The s*s phases are interleaved into dx by one fused stack and reshape.
 - d_spatial_filter[n, i, j, g, t] = sum over head g's channels of
-  `g * window_t` (times cf[:, t] for "mul"): a batched mat-vec.
-- d_channel_filter[n, c, t] = sum over output pixels of `g * window_t`
-  (times sf[..., t] for "mul"): a batched mat-vec.
+  `grad_out * window_t` (times cf[:, t] for "mul").
+- d_channel_filter[n, c, t] = sum over output pixels of `grad_out * window_t`
+  (times sf[..., t] for "mul").
 
-The mat-vecs use `Precision.HIGHEST`, meant to keep float32 products in full
-float32 on GPUs (no TF32); that has not been checked on a GPU yet.
+**Why the filter gradients are summed in stages.** XLA:CPU (jax 0.10.2)
+emits a reduction of a fused expression as a scalar loop (no fast-math
+reassociation), and its vectorised YNNPACK reductions take only operands
+already in memory: handed a window, it first copies the window. Two forms do
+run at the speed of an elementwise loop:
+
+- *sums by eights*: a variadic reduce of a few operands over a non-minor
+  axis of at most 8 elements. LLVM unrolls it and vectorises the loop over the
+  minor axis. Each step divides the data by 8, so the first partial sum holds
+  K/8 of the elements of grad_out (1.125x at k=3, stride 1).
+- *unrolled blocks*: an explicit sum of strided slices, one term per pixel of
+  a block, fused into one elementwise loop; the block partials of at most
+  MAX_FUSED_STACK taps are stacked (XLA:CPU fuses a concatenate of at most 8
+  operands into one loop), and YNNPACK reduces the stack. Compile time grows
+  with the number of terms.
+
+So, with every first partial kept within PARTIAL_BUDGET elements of x (all
+taps together):
+
+- d_spatial_filter: channel c = 8a + l of a head becomes (chunk a, lane l);
+  the chunks are summed by eights and the 8 lanes by one short reduce. When
+  that does not fit (e.g. k=5 at stride 1) or a head's channels are not whole
+  lanes, one variadic reduce over the channels, all taps in one scalar pass.
+- d_channel_filter: sums by eights (8 rows, then 8 columns) when 1/8 of the
+  pixels fits, else unrolled blocks of up to BLOCK_PIXELS pixels, else one
+  scalar pass. `spatial_filter_method` and `channel_filter_method` say which.
+
+At x (8, 56, 56, 64) float32 on a 2-core x86 CPU (jax 0.10.2) the jitted
+forward+backward (vjp with a random cotangent) costs about 3.3x the forward at
+k=3, stride 1, against 12x for the former `lax.scan` over taps; the measured
+numbers, for k=5 and stride 2 too, are in BENCHMARKS.md.
+
+No dot is used, so float32 inputs never run at reduced (TF32) precision on a
+GPU. The constants were tuned on the CPU. The same code runs on GPUs, but
+nobody has measured it there yet.
 """
 
 from __future__ import annotations
@@ -45,38 +79,72 @@ from jax import lax
 
 from .common import DDFConfig, accumulation_dtype, combine_filters, make_ddf_op
 
+# Channel lanes of the spatial-filter partial sums: 8 float32 = one 256-bit vector.
+LANES = 8
+# Operands per variadic reduce in a sum by eights (more and LLVM no longer unrolls it).
+REDUCE_OPERANDS = 3
+# Largest first partial sum of each filter gradient, in elements of x (all taps together).
+PARTIAL_BUDGET = 1.25
+# Unrolled blocks of the channel-filter gradient: at most BLOCK_ROWS rows and
+# BLOCK_PIXELS pixels per block, and MAX_UNROLLED_TERMS terms over all taps
+# (compile time grows with them).
+BLOCK_ROWS = 32
+BLOCK_PIXELS = 64
+MAX_UNROLLED_TERMS = 1600
+# XLA:CPU fuses a concatenate of at most this many operands into one loop.
+MAX_FUSED_STACK = 8
 
-def _phase_split(x: jax.Array, config: DDFConfig, out_h: int, out_w: int) -> jax.Array:
-    """Zero-pads x and splits it into stride phases, (s, s, N, Hp/s, Wp/s, C)."""
-    n, h, w, c = x.shape
-    s, m = config.stride, config.radius * config.dilation
+def _pad_hw(a: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
+    """Zero-pads axes 1 and 2 of an (N, H, W, ...) array.
 
-    def padded_length(size, out):
-        # Covers every tap of every output (2m + (out-1)s + 1) and all of x,
-        # rounded up to a multiple of s.
-        needed = max(2 * m + (out - 1) * s + 1, m + size)
-        return -(-needed // s) * s
-
-    hp, wp = padded_length(h, out_h), padded_length(w, out_w)
-    xp = jnp.pad(x, ((0, 0), (m, hp - m - h), (m, wp - m - w), (0, 0)))
-    return xp.reshape(n, hp // s, s, wp // s, s, c).transpose(2, 4, 0, 1, 3, 5)
-
-
-def _phase_merge(phases: jax.Array, h: int, w: int, config: DDFConfig) -> jax.Array:
-    """Inverse of `_phase_split`: (s, s, N, Hp/s, Wp/s, C) -> (N, H, W, C), padding cropped."""
-    s, _, n, hs, ws, c = phases.shape
-    m = config.radius * config.dilation
-    xp = phases.transpose(2, 3, 0, 4, 1, 5).reshape(n, hs * s, ws * s, c)
-    return xp[:, m : m + h, m : m + w, :]
-
-
-def _tap_table(config: DDFConfig) -> np.ndarray:
-    """Per tap: (phase row, phase col, window row start, window col start, t)."""
-    s, m = config.stride, config.radius * config.dilation
-    return np.array(
-        [((m + dy) % s, (m + dx) % s, (m + dy) // s, (m + dx) // s, t) for t, dy, dx in config.tap_offsets()],
-        np.int32,
+    Written as a pad of the (N, H, W * rest) view: XLA:CPU emits that as a
+    vectorised copy, while the 4- or 5-D pad becomes a scalar loop.
+    """
+    n, h, w = a.shape[:3]
+    rest = int(np.prod(a.shape[3:]))
+    flat = lax.pad(
+        a.reshape(n, h, w * rest),
+        jnp.zeros((), a.dtype),
+        [(0, 0, 0), (top, bottom, 0), (left * rest, right * rest, 0)],
     )
+    return flat.reshape(n, h + top + bottom, w + left + right, *a.shape[3:])
+
+
+def _padded_input(x: jax.Array, config: DDFConfig, out_h: int, out_w: int) -> jax.Array:
+    """x zero-padded by m on the top and left and enough on the bottom and right for every window."""
+    _, h, w, _ = x.shape
+    s, m = config.stride, config.radius * config.dilation
+    # Covers every tap of every output (2m + (out-1)s + 1) and all of x.
+    hp = max(2 * m + (out_h - 1) * s + 1, m + h)
+    wp = max(2 * m + (out_w - 1) * s + 1, m + w)
+    # A plain pad: XLA rewrites windows of a flat pad (see `_pad_hw`) differently
+    # in different consumers and then keeps two padded copies.
+    return jnp.pad(x, ((0, 0), (m, hp - m - h), (m, wp - m - w), (0, 0)))
+
+
+def _window(xp, config: DDFConfig, dy, dx, out_h, out_w, rows=(0, 1), cols=(0, 1), channels=slice(None)):
+    """`x[n, i*s + dy, j*s + dx, channels]` for output rows i = rows[0] + a*rows[1] < out_h, columns likewise."""
+    s, m = config.stride, config.radius * config.dilation
+    (row0, row_step), (col0, col_step) = rows, cols
+    row_count, col_count = -(-(out_h - row0) // row_step), -(-(out_w - col0) // col_step)
+    y0, x0 = m + dy + row0 * s, m + dx + col0 * s
+    return xp[
+        :,
+        y0 : y0 + (row_count - 1) * s * row_step + 1 : s * row_step,
+        x0 : x0 + (col_count - 1) * s * col_step + 1 : s * col_step,
+        channels,
+    ]
+
+
+def _block_step(size: int, step: int) -> int:
+    """A block length of at most `step` for an axis of `size`: a divisor of `size`
+    when one is at least half of `step` (no short last block), else `size` split
+    into equal-as-possible blocks."""
+    step = max(1, min(step, size))
+    for candidate in range(step, (step - 1) // 2, -1):
+        if size % candidate == 0:
+            return candidate
+    return -(-size // -(-size // step))
 
 
 def _per_channel(spatial_tap: jax.Array, channels: int) -> jax.Array:
@@ -87,58 +155,233 @@ def _per_channel(spatial_tap: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(spatial_tap, channels // heads, axis=-1)
 
 
+def _stacked_groups(items: list) -> list[list]:
+    """Splits items into the fewest nearly equal groups of at most MAX_FUSED_STACK."""
+    if not items:
+        return []
+    count = -(-len(items) // MAX_FUSED_STACK)
+    size = -(-len(items) // count)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _sum_reduce(operands: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
+    """Sums of same-shaped arrays over `axes`, as one variadic reduce (one pass over all of them).
+
+    A lone operand is passed twice: XLA:CPU hands a single-operand sum to
+    YNNPACK, which first copies a fused input (such as a window) into memory.
+    """
+    operands = list(operands)
+    count = len(operands)
+    if count == 1:
+        operands = operands * 2
+    zeros = tuple(jnp.zeros((), a.dtype) for a in operands)
+    sums = lax.reduce(tuple(operands), zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), axes)
+    return list(sums[:count])
+
+
+def _sum_by_eights(operands: list[jax.Array], axis: int) -> list[jax.Array]:
+    """Sums each operand over `axis` (at most 8 long), a few operands per variadic reduce.
+
+    LLVM fully unrolls such a short sum over a non-minor axis, and then
+    vectorises the loop over the minor axis: unlike a long reduction, this
+    runs at the speed of an elementwise loop on XLA:CPU.
+    """
+    sums = []
+    for i in range(0, len(operands), REDUCE_OPERANDS):
+        sums += _sum_reduce(operands[i : i + REDUCE_OPERANDS], (axis,))
+    return sums
+
+
+def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pads `axis` of `a` at the end to `size`."""
+    if a.shape[axis] == size:
+        return a
+    pads = [(0, 0)] * a.ndim
+    pads[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, pads)
+
+
 def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     """DDF forward. See the module docstring for the layout."""
     n, _, _, c = x.shape
     _, out_h, out_w, _, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype)
-    phases = _phase_split(x, config, out_h, out_w)
+    xp = _padded_input(x, config, out_h, out_w)
     sf = spatial_filter.astype(acc)
     cf = channel_filter.astype(acc)
     out = jnp.zeros((n, out_h, out_w, c), acc)
-    for py, px, sy, sx, t in _tap_table(config):
-        window = phases[py, px, :, sy : sy + out_h, sx : sx + out_w, :].astype(acc)
+    for t, dy, dx in config.tap_offsets():
         weight = combine_filters(_per_channel(sf[..., t], c), cf[:, None, None, :, t], config.combine)
-        out = out + window * weight
+        out = out + _window(xp, config, dy, dx, out_h, out_w).astype(acc) * weight
     return out.astype(x.dtype)
+
+
+def _input_gradient(g, sf, cf, config: DDFConfig, h: int, w: int, acc) -> jax.Array:
+    """dx (N, H, W, C): per input stride phase, a fused sum of windows of padded g and sf."""
+    n, out_h, out_w, c = g.shape
+    s, m = config.stride, config.radius * config.dilation
+    # Phase (py, px), tap (dy, dx) reads output row a + (py - dy) / s for input row a*s + py;
+    # (py - dy) // s lies in [-ceil(m/s), (m + s - 1) // s].
+    before, after = -(-m // s), (m + s - 1) // s
+    gp = _pad_hw(g, before, after, before, after)
+    phases = []
+    for py in range(s):
+        row = []
+        for px in range(s):
+            total = jnp.zeros((n, out_h, out_w, c), acc)
+            for t, dy, dx in config.tap_offsets():
+                if (py - dy) % s or (px - dx) % s:
+                    continue  # tap t never lands on this phase
+                a, b = before + (py - dy) // s, before + (px - dx) // s
+                g_window = gp[:, a : a + out_h, b : b + out_w, :].astype(acc)
+                # sf is read through a pad fused into the loop (no padded copy):
+                # rows a - before ... of sf, zero outside.
+                shift = [(0, 0, 0), (before - a, a - before, 0), (before - b, b - before, 0), (0, 0, 0)]
+                sf_window = _per_channel(lax.pad(sf[..., t], jnp.zeros((), sf.dtype), shift).astype(acc), c)
+                total = total + g_window * combine_filters(sf_window, cf[:, None, None, :, t], config.combine)
+            row.append(total)
+        phases.append(row)
+    if s == 1:
+        return phases[0][0]
+    dx = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (N, Ho, py, Wo, px, C)
+    return dx.reshape(n, out_h * s, out_w * s, c)[:, :h, :w, :]
+
+
+def _chunks_sum_by_eights(chunks: int) -> bool:
+    """Whether `chunks` is at most 8, or 8 times such a number, recursively."""
+    while chunks > 8:
+        if chunks % 8:
+            return False
+        chunks //= 8
+    return True
+
+
+def spatial_filter_method(g_shape, heads: int, taps: int, x_size: int) -> str:
+    """How `backward` sums d_spatial_filter: "eights" (vectorised stages) or "scalar" (one reduce).
+
+    Sums by eights need whole lanes of 8 channels per head, a chunk count that
+    sums by eights, and a first partial sum within PARTIAL_BUDGET elements of x.
+    """
+    n, out_h, out_w, c = g_shape
+    group = c // heads
+    chunks = group // LANES
+    if group % LANES or not _chunks_sum_by_eights(chunks):
+        return "scalar"
+    # Elements per tap of the first partial sum: the lanes, times the chunks left after one step.
+    first_partial = heads * LANES * (chunks // 8 if chunks > 8 else 1) * n * out_h * out_w
+    return "eights" if taps * first_partial <= PARTIAL_BUDGET * x_size else "scalar"
+
+
+def _channel_pixels_per_partial(g_shape, taps: int, x_size: int) -> int:
+    """Output pixels each element of the channel-filter partial must sum to stay within its budget."""
+    return -(-taps * int(np.prod(g_shape)) // max(1, int(PARTIAL_BUDGET * x_size)))
+
+
+def channel_filter_method(g_shape, taps: int, x_size: int) -> str:
+    """How `backward` sums d_channel_filter: "eights", "blocks" (unrolled) or "scalar" (one reduce).
+
+    Sums by eights (8 rows, then 8 columns) when a partial of 1/8 of the
+    pixels fits PARTIAL_BUDGET elements of x; otherwise unrolled
+    blocks of up to BLOCK_PIXELS pixels, unless that needs bigger blocks or
+    more than MAX_UNROLLED_TERMS terms.
+    """
+    pixels = _channel_pixels_per_partial(g_shape, taps, x_size)
+    if pixels <= 8:
+        return "eights"
+    if pixels > BLOCK_PIXELS or taps * pixels > MAX_UNROLLED_TERMS:
+        return "scalar"
+    return "blocks"
+
+
+def _spatial_filter_gradient(xp, g, cf, config: DDFConfig, heads: int, x_size: int, acc) -> jax.Array:
+    """d_spatial_filter (N, Ho, Wo, G, K): per tap, the sum over each head's channels of g * window_t (* cf_t)."""
+    n, out_h, out_w, c = g.shape
+    group = c // heads
+    taps = config.tap_offsets()
+    products = []
+    for t, dy, dx in taps:
+        product = g.astype(acc) * _window(xp, config, dy, dx, out_h, out_w).astype(acc)
+        if config.combine == "mul":
+            product = product * cf[:, None, None, :, t]
+        products.append(product)
+
+    if spatial_filter_method(g.shape, heads, len(taps), x_size) == "scalar":
+        # One scalar pass: a variadic reduce over the channels, all taps at once.
+        return jnp.stack(_sum_reduce([p.reshape(n, out_h, out_w, heads, group) for p in products], (4,)), axis=-1)
+
+    # Channel c = 8a + l of a head becomes (chunk a, lane l); chunks are summed by eights.
+    chunks = group // LANES
+    sums = [p.reshape(n, out_h, out_w, heads, chunks, LANES) for p in products]
+    while chunks > 1:
+        step = min(chunks, 8)
+        sums = [s.reshape(n, out_h, out_w, heads, chunks // step, step, LANES) for s in sums]
+        sums = _sum_by_eights(sums, axis=5)
+        chunks //= step
+    # The lanes: a short scalar sum.
+    return jnp.stack(_sum_reduce([s.reshape(n, out_h, out_w, heads, LANES) for s in sums], (4,)), axis=-1)
+
+
+def _channel_filter_gradient(xp, g, sf, config: DDFConfig, x_size: int, acc) -> jax.Array:
+    """d_channel_filter (N, C, K): per tap, the sum over output pixels of g * window_t (* sf_t)."""
+    n, out_h, out_w, c = g.shape
+    taps = config.tap_offsets()
+
+    def product(t, dy, dx, pixels=(slice(None),) * 3, rows=(0, 1), cols=(0, 1)):
+        window = _window(xp, config, dy, dx, out_h, out_w, rows=rows, cols=cols)
+        term = g[pixels].astype(acc) * window.astype(acc)
+        if config.combine == "mul":
+            term = term * _per_channel(sf[pixels + (slice(None), t)].astype(acc), c)
+        return term
+
+    method = channel_filter_method(g.shape, len(taps), x_size)
+    if method == "eights":
+        # Sums by eights: 8 rows, then 8 columns, then a short scalar sum.
+        rows, cols = -(-out_h // 8), -(-out_w // 8)
+        sums = [_pad_axis(product(*tap), 1, 8 * rows).reshape(n, rows, 8, out_w, c) for tap in taps]
+        sums = _sum_by_eights(sums, axis=2)
+        sums = [_pad_axis(s, 2, 8 * cols).reshape(n, rows, cols, 8, c) for s in sums]
+        sums = _sum_by_eights(sums, axis=3)
+        return jnp.stack(_sum_reduce(sums, (1, 2)), axis=-1)
+    if method == "scalar":
+        # One scalar pass over all pixels, all taps at once.
+        return jnp.stack(_sum_reduce([product(*tap) for tap in taps], (1, 2)), axis=-1)
+
+    # Blocks of pixels summed by unrolled elementwise adds, then reduced.
+    pixels_per_partial = _channel_pixels_per_partial(g.shape, len(taps), x_size)
+    row_step = _block_step(out_h, min(BLOCK_ROWS, pixels_per_partial))
+    col_step = _block_step(out_w, -(-pixels_per_partial // row_step))
+    blocks = (-(-out_h // row_step), -(-out_w // col_step))
+
+    def block_partial(t, dy, dx):
+        # (N, row blocks, column blocks, C): block (a, b) sums the output pixels
+        # (a*row_step + i, b*col_step + j) over i < row_step, j < col_step.
+        total = None
+        for i in range(row_step):
+            for j in range(col_step):
+                pixels = (slice(None), slice(i, None, row_step), slice(j, None, col_step))
+                term = product(t, dy, dx, pixels, rows=(i, row_step), cols=(j, col_step))
+                # The last block is short where a step does not divide Ho or Wo.
+                term = _pad_axis(_pad_axis(term, 1, blocks[0]), 2, blocks[1])
+                total = term if total is None else total + term
+        return total
+
+    # Stacked on a leading tap axis, so the fused loop's minor axis stays C.
+    stacks = _stacked_groups(taps)
+    groups = [jnp.stack([block_partial(*tap) for tap in stack], axis=0).sum((2, 3)) for stack in stacks]
+    return jnp.moveaxis(jnp.concatenate(groups, axis=0), 0, -1)
 
 
 def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
     """DDF backward: (dx, d_channel_filter, d_spatial_filter), in the accumulation dtype."""
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     _, out_h, out_w, heads, _ = spatial_filter.shape
-    group = c // heads
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
-    g = grad_out.astype(acc)
-    phases = _phase_split(x, config, out_h, out_w)
-    window_size = (1, 1, n, out_h, out_w, c)
-    zero = jnp.zeros((), jnp.int32)
-
-    def tap_step(dx_phases, tap):
-        py, px, sy, sx, t = (tap[i] for i in range(5))
-        start = (py, px, zero, sy, sx, zero)
-        window = lax.dynamic_slice(phases, start, window_size)[0, 0].astype(acc)
-        sf_t = lax.dynamic_index_in_dim(spatial_filter, t, axis=4, keepdims=False).astype(acc)
-        cf_t = lax.dynamic_index_in_dim(channel_filter, t, axis=2, keepdims=False).astype(acc)
-
-        weight = combine_filters(_per_channel(sf_t, c), cf_t[:, None, None, :], config.combine)
-        dx_window = lax.dynamic_slice(dx_phases, start, window_size) + (g * weight)[None, None]
-        dx_phases = lax.dynamic_update_slice(dx_phases, dx_window, start)
-
-        gx = (g * window).reshape(n, out_h * out_w, heads, group)
-        if config.combine == "mul":
-            highest = lax.Precision.HIGHEST
-            d_spatial = jnp.einsum("npgc,ngc->npg", gx, cf_t.reshape(n, heads, group), precision=highest)
-            d_channel = jnp.einsum("npgc,npg->ngc", gx, sf_t.reshape(n, out_h * out_w, heads), precision=highest)
-        else:
-            d_spatial, d_channel = gx.sum(axis=3), gx.sum(axis=1)
-        return dx_phases, (d_spatial.reshape(n, out_h, out_w, heads), d_channel.reshape(n, c))
-
-    dx_phases, (d_spatial, d_channel) = lax.scan(
-        tap_step, jnp.zeros(phases.shape, acc), jnp.asarray(_tap_table(config))
-    )
-    dx = _phase_merge(dx_phases, h, w, config)
-    return dx, jnp.moveaxis(d_channel, 0, -1), jnp.moveaxis(d_spatial, 0, -1)
+    cf = channel_filter.astype(acc)
+    dx = _input_gradient(grad_out, spatial_filter, cf, config, h, w, acc)
+    xp = _padded_input(x, config, out_h, out_w)
+    d_spatial = _spatial_filter_gradient(xp, grad_out, cf, config, heads, x.size, acc)
+    d_channel = _channel_filter_gradient(xp, grad_out, spatial_filter, config, x.size, acc)
+    return dx, d_channel, d_spatial
 
 
 ddf_xla = make_ddf_op(forward, backward, "xla")

@@ -19,6 +19,7 @@ from ddf_jax import models as ddf_models
 from experiments.classification import datasets as classification_data
 from experiments.classification import train as classification
 from experiments.common import errors
+from experiments.joint_upsampling import evaluate as joint_evaluate
 from experiments.joint_upsampling import train as joint
 from experiments.joint_upsampling.configs import default as joint_default
 from tests.test_classification import tiny_config
@@ -78,7 +79,7 @@ def _joint_config(**overrides):
     ],
 )
 def test_joint_config_fields_are_checked_by_name_first(tmp_path, monkeypatch, overrides, expected):
-    _forbid(monkeypatch, joint, "tune_guided_filter")
+    _forbid(monkeypatch, joint_evaluate, "tune_guided_filter")
     _forbid(monkeypatch, joint, "create_model")
     with pytest.raises(errors.ConfigError) as info:
         joint.train_and_evaluate(_joint_config(**overrides), str(tmp_path))
@@ -87,7 +88,7 @@ def test_joint_config_fields_are_checked_by_name_first(tmp_path, monkeypatch, ov
 
 @pytest.mark.parametrize("content", [b"", b"MATLAB 5.0 MAT-file garbage" + bytes(range(200))])
 def test_garbage_nyu_split_file_is_named_before_tuning(tmp_path, monkeypatch, content):
-    _forbid(monkeypatch, joint, "tune_guided_filter")
+    _forbid(monkeypatch, joint_evaluate, "tune_guided_filter")
     import h5py
 
     mat = str(tmp_path / "nyu.mat")
@@ -104,7 +105,7 @@ def test_garbage_nyu_split_file_is_named_before_tuning(tmp_path, monkeypatch, co
 
 
 def test_garbage_nyu_data_file_is_named_before_tuning(tmp_path, monkeypatch):
-    _forbid(monkeypatch, joint, "tune_guided_filter")
+    _forbid(monkeypatch, joint_evaluate, "tune_guided_filter")
     mat = tmp_path / "nyu.mat"
     mat.write_bytes(b"\x00garbage" * 100)
     split = str(tmp_path / "s.npz")

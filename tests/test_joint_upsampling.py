@@ -1,19 +1,27 @@
-"""Tests for experiments/joint_upsampling: data, metric, baselines, NYU loader, models, training."""
+"""Tests for experiments/joint_upsampling: data, protocol, metric, evaluation, training.
+
+The baselines and networks are tested in test_joint_upsampling_methods.py, the NYU Depth v2
+loader and its published protocol in test_joint_upsampling_nyu.py.
+"""
 
 import json
 import os
 
 import chex
-import h5py
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-import ddf_jax
-from experiments.joint_upsampling import baselines, input_pipeline, models, train
+from experiments.joint_upsampling import (
+    baselines,
+    downsampling,
+    evaluate,
+    input_pipeline,
+    synthetic,
+    train,
+)
 from experiments.joint_upsampling.configs import default as default_config
 
 # --------------------------------------------------------------------------
@@ -22,7 +30,7 @@ from experiments.joint_upsampling.configs import default as default_config
 
 
 def test_synthetic_shapes_dtypes_and_range():
-    source = input_pipeline.SyntheticRGBD(seed=3, height=40, width=56)
+    source = synthetic.SyntheticRGBD(seed=3, height=40, width=56)
     ex = source[7]
     assert ex["image"].shape == (40, 56, 3) and ex["image"].dtype == np.uint8
     assert ex["disparity"].shape == (40, 56) and ex["disparity"].dtype == np.float32
@@ -34,8 +42,8 @@ def test_synthetic_shapes_dtypes_and_range():
 
 
 def test_synthetic_is_deterministic_per_seed_and_index():
-    a = input_pipeline.SyntheticRGBD(seed=5, height=32, width=32)
-    b = input_pipeline.SyntheticRGBD(seed=5, height=32, width=32)
+    a = synthetic.SyntheticRGBD(seed=5, height=32, width=32)
+    b = synthetic.SyntheticRGBD(seed=5, height=32, width=32)
     for index in (0, 11, 2**31 - 2):
         chex.assert_trees_all_equal(a[index], b[index])
     # Order of access does not matter.
@@ -43,12 +51,12 @@ def test_synthetic_is_deterministic_per_seed_and_index():
     _ = a[9]
     chex.assert_trees_all_equal(first, a[4])
     assert not np.array_equal(a[0]["disparity"], a[1]["disparity"])
-    other_seed = input_pipeline.SyntheticRGBD(seed=6, height=32, width=32)
+    other_seed = synthetic.SyntheticRGBD(seed=6, height=32, width=32)
     assert not np.array_equal(a[0]["image"], other_seed[0]["image"])
 
 
 def _colour_edges_without_depth_edges(trap_probability):
-    source = input_pipeline.SyntheticRGBD(
+    source = synthetic.SyntheticRGBD(
         seed=1, height=64, width=64, trap_probability=trap_probability, noise_std=0.0
     )
     found = 0
@@ -70,24 +78,24 @@ def test_synthetic_has_texture_edges_without_depth_edges():
 
 def test_synthetic_rejects_bad_arguments():
     with pytest.raises(ValueError, match="height"):
-        input_pipeline.SyntheticRGBD(height=0)
+        synthetic.SyntheticRGBD(height=0)
     with pytest.raises(ValueError, match="min_disparity"):
-        input_pipeline.SyntheticRGBD(min_disparity=10.0, max_disparity=5.0)
+        synthetic.SyntheticRGBD(min_disparity=10.0, max_disparity=5.0)
     with pytest.raises(ValueError, match="trap_probability"):
-        input_pipeline.SyntheticRGBD(trap_probability=1.5)
+        synthetic.SyntheticRGBD(trap_probability=1.5)
     with pytest.raises(IndexError):
-        input_pipeline.SyntheticRGBD(num_examples=3)[3]
+        synthetic.SyntheticRGBD(num_examples=3)[3]
 
 
 def test_batches_resume_at_any_step_and_pool_cycles_with_transforms():
-    source = input_pipeline.CachedSource(input_pipeline.SyntheticRGBD(seed=2, height=16, width=16))
+    source = input_pipeline.CachedSource(synthetic.SyntheticRGBD(seed=2, height=16, width=16))
     full = list(input_pipeline.synthetic_batches(source, 4, 3, num_steps=5, pool_size=4))
     resumed = list(input_pipeline.synthetic_batches(source, 4, 3, start_step=3, num_steps=2, pool_size=4))
     chex.assert_trees_all_equal(full[3:], resumed)
     assert full[0]["guide"].shape == (3, 16, 16, 3) and full[0]["low_res"].shape == (3, 4, 4, 1)
     # Position 4 is example 0 under transform 1 (a 90-degree rotation).
     np.testing.assert_array_equal(full[1]["target"][1, ..., 0], np.rot90(full[0]["target"][0, ..., 0]))
-    fresh = list(input_pipeline.synthetic_batches(input_pipeline.SyntheticRGBD(seed=2, height=16, width=16),
+    fresh = list(input_pipeline.synthetic_batches(synthetic.SyntheticRGBD(seed=2, height=16, width=16),
                                                   4, 3, num_steps=2))
     np.testing.assert_array_equal(fresh[1]["target"][0, ..., 0], source[3]["disparity"])
 
@@ -115,7 +123,7 @@ def test_downsample_block_mean_over_valid_pixels_and_fill():
         ],
         np.float32,
     )
-    low, valid = input_pipeline.downsample_disparity(d, 2)
+    low, valid = downsampling.downsample_disparity(d, 2)
     # Block (1, 0) has no valid pixel: nearest valid blocks are (0, 0) and (1, 1)
     # at distance 1; the EDT picks one of them.
     np.testing.assert_array_equal(valid, [[True, True], [False, True]])
@@ -123,9 +131,9 @@ def test_downsample_block_mean_over_valid_pixels_and_fill():
     np.testing.assert_allclose(low[1, 1], 3.0)
     assert low[1, 0] in (4.0, 3.0)
     with pytest.raises(ValueError, match="multiple of scale"):
-        input_pipeline.downsample_disparity(np.ones((5, 4)), 2)
+        downsampling.downsample_disparity(np.ones((5, 4)), 2)
     with pytest.raises(ValueError, match="no valid"):
-        input_pipeline.downsample_disparity(np.full((4, 4), np.inf), 2)
+        downsampling.downsample_disparity(np.full((4, 4), np.inf), 2)
 
 
 def test_rmse_hand_checked_and_excludes_invalid():
@@ -147,246 +155,65 @@ def test_middlebury_crop_and_invalid_pixels():
     assert m["image"].shape == (496, 736, 3) and m["disparity"].shape == (496, 736)
     invalid = ~np.isfinite(m["disparity"])
     assert 0.01 < invalid.mean() < 0.2
-    ex = input_pipeline.make_example(m["image"], m["disparity"], 8)
+    ex = downsampling.make_example(m["image"], m["disparity"], 8)
     assert ex["low_res"].shape == (62, 92, 1) and np.all(np.isfinite(ex["low_res"]))
     np.testing.assert_array_equal(ex["valid"][..., 0], ~invalid)
 
 
-# --------------------------------------------------------------------------
-# Baselines
-# --------------------------------------------------------------------------
+def test_point_sampling_takes_every_scale_th_pixel_from_the_offset():
+    d = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+    for scale, offset in ((2, 0), (4, 1), (8, 3)):
+        low, valid = downsampling.downsample_disparity(d, scale, "point")
+        # Pixel (offset + i*scale, offset + j*scale) of the full frame, unfiltered.
+        np.testing.assert_array_equal(low, d[offset::scale, offset::scale])
+        assert low.shape == (8 // scale, 16 // scale) and valid.all()
+    assert downsampling.downsample_disparity(d, 4, "point")[0][1, 2] == d[5, 9]
+    # An invalid sample is filled from the nearest valid one; invalid pixels off the
+    # sampling grid change nothing.
+    d[1, 1] = np.inf
+    d[0, 0] = np.nan
+    low, valid = downsampling.downsample_disparity(d, 4, "point")
+    assert not valid[0, 0] and valid.sum() == valid.size - 1
+    assert low[0, 0] in (d[1, 5], d[5, 1])
+    example = downsampling.make_example(np.zeros((8, 16, 3), np.uint8), d, 4, "point")
+    np.testing.assert_array_equal(example["low_res"][..., 0], low)
+    with pytest.raises(ValueError, match="method must be one of"):
+        downsampling.downsample_disparity(d, 4, "nearest")
 
 
-def _slow_box_mean(x, r):
-    h, w = x.shape[:2]
-    out = np.zeros(x.shape, np.float64)
-    for i in range(h):
-        for j in range(w):
-            out[i, j] = x[max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1].mean(axis=(0, 1))
-    return out
+def test_middlebury_halves_are_the_two_halves_of_one_frame():
+    whole = input_pipeline.load_middlebury(16)
+    halves = input_pipeline.middlebury_halves(16)
+    for key in ("image", "disparity"):
+        assert halves["left"][key].shape[:2] == halves["right"][key].shape[:2] == (496, 368)
+        np.testing.assert_array_equal(np.concatenate([halves["left"][key], halves["right"][key]], 1),
+                                      whole[key])
 
 
-def _slow_guided_filter(guide, p, r, eps):
-    """Per-window ridge regression, then per-pixel average of the covering windows' models."""
-    guide = guide if guide.ndim == 3 else guide[..., None]
-    h, w, c = guide.shape
-    a = np.zeros((h, w, c))
-    b = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            window = (slice(max(i - r, 0), i + r + 1), slice(max(j - r, 0), j + r + 1))
-            gi = guide[window].reshape(-1, c)
-            pi = p[window].reshape(-1)
-            mu, pm = gi.mean(0), pi.mean()
-            sigma = (gi - mu).T @ (gi - mu) / len(gi)
-            cov = (gi - mu).T @ (pi - pm) / len(gi)
-            a[i, j] = np.linalg.solve(sigma + eps * np.eye(c), cov)
-            b[i, j] = pm - a[i, j] @ mu
-    q = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            window = (slice(max(i - r, 0), i + r + 1), slice(max(j - r, 0), j + r + 1))
-            q[i, j] = a[window].reshape(-1, c).mean(0) @ guide[i, j] + b[window].mean()
-    return q
+def test_each_middlebury_half_is_tuned_on_the_other():
+    config = tiny_config()
+    left, right = evaluate.test_sets(config)
+    assert (left.name, right.name) == ("middlebury_left", "middlebury_right")
+    chex.assert_trees_all_equal(left.tuning_frames, right.frames)
+    chex.assert_trees_all_equal(right.tuning_frames, left.frames)
+    assert left.unit == "disparity pixels" and left.unit_scale == 1.0
+    # The tuned values are the grid minimum on the other half, whatever the evaluated half holds.
+    tuned = evaluate.tune_guided_filter(config, left, 2)
+    example = downsampling.make_example(**right.frames[0], scale=2)
+    expected = baselines.tune_guided_filter([example], 2, config.guided_filter.radii,
+                                            config.guided_filter.epsilons)
+    assert (tuned["radius"], tuned["eps"], tuned["grid"]) == (expected["radius"], expected["eps"],
+                                                              expected["grid"])
 
 
-def test_box_mean_matches_loop():
-    x = np.random.default_rng(0).normal(size=(7, 9, 2))
-    for r in (0, 1, 3, 12):
-        np.testing.assert_allclose(baselines.box_mean(x, r), _slow_box_mean(x, r), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("radius,eps", [(1, 1e-3), (2, 1e-1)])
-def test_guided_filter_matches_slow_reference(channels, radius, eps):
-    rng = np.random.default_rng(channels * 10 + radius)
-    guide = rng.uniform(size=(7, 10, channels))
-    if channels == 1:
-        guide = guide[..., 0]
-    p = rng.normal(size=(7, 10))
-    got = baselines.guided_filter(guide, p, radius, eps)
-    np.testing.assert_allclose(got, _slow_guided_filter(guide, p, radius, eps), rtol=1e-4, atol=1e-5)
-
-
-def test_guided_filter_keeps_edges_that_the_guide_has():
-    guide = np.zeros((20, 20))
-    guide[:, 10:] = 1.0
-    p = guide * 5.0 + 1.0
-    np.testing.assert_allclose(baselines.guided_filter(guide, p, 3, 1e-6), p, atol=1e-3)
-    with pytest.raises(ValueError, match="eps"):
-        baselines.guided_filter(guide, p, 3, 0.0)
-    with pytest.raises(ValueError, match="guide"):
-        baselines.guided_filter(guide[:5], p, 3, 1e-3)
-
-
-def test_bilinear_and_bicubic_shapes_and_constants():
-    low = np.random.default_rng(0).normal(size=(2, 3, 5, 1)).astype(np.float32)
-    assert baselines.bilinear(low, 4).shape == (2, 12, 20, 1)
-    assert baselines.bicubic(low[0, ..., 0], 2).shape == (6, 10)
-    np.testing.assert_allclose(baselines.bicubic(np.full((3, 4), 7.0), 8), 7.0, rtol=1e-6)
-    # Half-pixel centres: the mean of each 2x2 block of a bilinear x2 of a ramp is the ramp.
-    ramp = np.arange(6, dtype=np.float32)[None, :].repeat(4, 0)
-    up = baselines.bilinear(ramp, 2)
-    np.testing.assert_allclose(up.reshape(4, 2, 6, 2).mean(axis=(1, 3))[:, 1:-1], ramp[:, 1:-1], atol=1e-6)
-
-
-def test_tune_guided_filter_picks_grid_minimum():
-    source = input_pipeline.SyntheticRGBD(seed=4, height=32, width=32)
-    examples = [input_pipeline.make_example(**source[i], scale=4) for i in range(2)]
-    tuned = baselines.tune_guided_filter(examples, 4, (1, 4), (1e-3, 1e-1))
-    assert len(tuned["grid"]) == 4
-    assert tuned["rmse"] == min(row[2] for row in tuned["grid"])
-
-
-# --------------------------------------------------------------------------
-# NYU Depth v2 loader
-# --------------------------------------------------------------------------
-
-
-def _write_nyu_fixture(directory, frames=5, height=12, width=16):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
-    depths = rng.uniform(0.5, 9.0, size=(frames, height, width)).astype(np.float32)
-    depths[0, 0, 0] = 0.0  # A missing depth.
-    path = os.path.join(directory, "nyu.mat")
-    with h5py.File(path, "w") as f:
-        # MATLAB's column-major layout as h5py sees it: (N, 3, W, H) and (N, W, H).
-        f["images"] = images.transpose(0, 3, 2, 1)
-        f["depths"] = depths.transpose(0, 2, 1)
-    return path, images, depths
-
-
-def test_nyu_loader_on_fixture(tmp_path):
-    from scipy import io as scipy_io
-
-    mat, images, depths = _write_nyu_fixture(str(tmp_path))
-    split_mat = str(tmp_path / "splits.mat")
-    scipy_io.savemat(split_mat, {"trainNdxs": np.array([[1], [3], [4]]), "testNdxs": np.array([[2], [5]])})
-    train_set = input_pipeline.NYUDepthV2(mat, split_mat, "train")
-    test_set = input_pipeline.NYUDepthV2(mat, split_mat, "test")
-    assert len(train_set) == 3 and len(test_set) == 2
-    ex = train_set[1]  # 1-based index 3 -> frame 2.
-    np.testing.assert_array_equal(ex["image"], images[2])
-    np.testing.assert_allclose(ex["disparity"], depths[2])
-    first = train_set[0]
-    assert np.isinf(first["disparity"][0, 0]) and np.isfinite(first["disparity"][0, 1])
-    np.testing.assert_array_equal(test_set[-1]["image"], images[4])
-    train_set.close()
-    split_npz = str(tmp_path / "splits.npz")
-    np.savez(split_npz, trainNdxs=np.array([5, 1]), testNdxs=np.array([2]))
-    np.testing.assert_array_equal(input_pipeline.load_nyu_split(split_npz)["train"], [4, 0])
-    crops = next(input_pipeline.random_crops(train_set, 8, 4, batch_size=2, seed=0))
-    assert crops["guide"].shape == (2, 8, 8, 3) and crops["low_res"].shape == (2, 2, 2, 1)
-
-
-def test_nyu_loader_errors(tmp_path):
-    mat, _, _ = _write_nyu_fixture(str(tmp_path))
-    split = str(tmp_path / "s.npz")
-    np.savez(split, trainNdxs=np.array([1, 2]), testNdxs=np.array([3]))
-    with pytest.raises(FileNotFoundError, match="mat_path"):
-        input_pipeline.NYUDepthV2(str(tmp_path / "missing.mat"), split)
-    with pytest.raises(FileNotFoundError, match="split_path"):
-        input_pipeline.NYUDepthV2(mat, str(tmp_path / "missing.npz"))
-    with pytest.raises(ValueError, match="URL"):
-        input_pipeline.NYUDepthV2("http://example.com/nyu.mat", split)
-    with pytest.raises(ValueError, match="split must be"):
-        input_pipeline.NYUDepthV2(mat, split, "val")
-    bad = str(tmp_path / "bad.npz")
-    np.savez(bad, train=np.array([1]))
-    with pytest.raises(ValueError, match="trainNdxs"):
-        input_pipeline.NYUDepthV2(mat, bad)
-    zero_based = str(tmp_path / "zero.npz")
-    np.savez(zero_based, trainNdxs=np.array([0, 1]), testNdxs=np.array([2]))
-    with pytest.raises(ValueError, match="1-based"):
-        input_pipeline.NYUDepthV2(mat, zero_based)
-    overlap = str(tmp_path / "overlap.npz")
-    np.savez(overlap, trainNdxs=np.array([1, 2]), testNdxs=np.array([2]))
-    with pytest.raises(ValueError, match="both"):
-        input_pipeline.NYUDepthV2(mat, overlap)
-    beyond = str(tmp_path / "beyond.npz")
-    np.savez(beyond, trainNdxs=np.array([1, 9]), testNdxs=np.array([2]))
-    with pytest.raises(ValueError, match="beyond"):
-        input_pipeline.NYUDepthV2(mat, beyond)
-    not_hdf5 = str(tmp_path / "text.mat")
-    with open(not_hdf5, "w") as f:
-        f.write("not a mat file")
-    with pytest.raises(ValueError, match="HDF5"):
-        input_pipeline.NYUDepthV2(not_hdf5, split)
-    wrong = str(tmp_path / "wrong.mat")
-    with h5py.File(wrong, "w") as f:
-        f["images"] = np.zeros((2, 3, 4, 5), np.uint8)
-    with pytest.raises(ValueError, match="depths"):
-        input_pipeline.NYUDepthV2(wrong, split)
-
-
-# --------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["ddf_up_net", "plain_net"])
-def test_models_shapes_and_bilinear_residual(name):
-    model = models.create_model(name, 4, base_features=4, max_features=8, guide_base_features=4,
-                                guide_max_features=4, rngs=train.init_rngs(0))
-    guide = jax.random.uniform(jax.random.key(0), (2, 16, 24, 3))
-    low_res = 10.0 + jax.random.uniform(jax.random.key(1), (2, 4, 6, 1))
-    forward = nnx.jit(lambda m, g, l: m(g, l))
-    out = forward(model, guide, low_res)
-    assert out.shape == (2, 16, 24, 1) and out.dtype == jnp.float32
-    assert np.all(np.isfinite(out)) and not np.allclose(out, baselines.bilinear(low_res, 4))
-    # With a zero head the output is exactly the bilinear up-sampling.
-    model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
-    model.head.bias[...] = jnp.zeros_like(model.head.bias[...])
-    np.testing.assert_allclose(forward(model, guide, low_res), baselines.bilinear(low_res, 4), rtol=1e-6)
-    with pytest.raises(ValueError, match="low_res"):
-        model(guide, low_res[:, :3])
-
-
-def test_pixel_unshuffle_and_unshuffled_guide_option():
-    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
-    y = models.pixel_unshuffle(x, 2)
-    assert y.shape == (2, 2, 3, 12)
-    # Channel (i*2 + j)*C + c of output pixel (p, q) is input pixel (2p + i, 2q + j), channel c.
-    np.testing.assert_array_equal(y[1, 1, 2, (1 * 2 + 0) * 3 + 2], x[1, 3, 4, 2])
-    with pytest.raises(ValueError, match="divisible"):
-        models.pixel_unshuffle(x[:, :3], 2)
-    net = models.ddf_up_net(4, base_features=8, max_features=8, guide_base_features=4, guide_max_features=4,
-                            guide_unshuffle=True, rngs=train.init_rngs(0))
-    assert net.stages[0].up.guide_features == 4 + 4 * 4
-    out = nnx.jit(lambda m, g, l: m(g, l))(net, jnp.ones((1, 8, 8, 3)) * 0.3, jnp.ones((1, 2, 2, 1)))
-    assert out.shape == (1, 8, 8, 1)
-
-
-class _ZeroUp(nnx.Module):
-    def __call__(self, x, guide=None):
-        n, h, w, c = x.shape
-        return jnp.zeros((n, 2 * h, 2 * w, c), x.dtype)
-
-
-@pytest.mark.parametrize("bilinear_skip", [True, False])
-def test_ddf_stage_bilinear_skip(bilinear_skip):
-    stage = models.UpStage(8, 4, 4, 4, "ddf", bilinear_skip=bilinear_skip, rngs=train.init_rngs(0))
-    stage.up = _ZeroUp()  # Isolate the skip: DDF-Up contributes nothing.
-    x = jax.random.normal(jax.random.key(0), (1, 3, 5, 8))
-    guide_in = jax.random.normal(jax.random.key(1), (1, 3, 5, 4))
-    guide_out = jax.random.normal(jax.random.key(2), (1, 6, 10, 4))
-    up = models.upsample_bilinear(x, 2) if bilinear_skip else jnp.zeros((1, 6, 10, 8))
-    expected = jax.nn.relu(stage.refine(jax.nn.relu(stage.fuse(jnp.concatenate([up, guide_out], -1)))))
-    np.testing.assert_allclose(stage(x, guide_in, guide_out), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_model_param_counts_are_close_and_ddf_up_is_used():
-    ddf = nnx.eval_shape(lambda: models.ddf_up_net(8, rngs=nnx.Rngs(0)))
-    plain = nnx.eval_shape(lambda: models.plain_net(8, rngs=nnx.Rngs(0)))
-    n_ddf, n_plain = ddf_jax.count_params(ddf), ddf_jax.count_params(plain)
-    assert abs(n_ddf - n_plain) / n_plain < 0.15
-    from ddf_jax.nn import DDFUp
-
-    assert all(isinstance(stage.up, DDFUp) for stage in ddf.stages) and len(ddf.stages) == 3
-    with pytest.raises(ValueError, match="power of two"):
-        models.ddf_up_net(6, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="model must be"):
-        models.create_model("resnet", 4, rngs=nnx.Rngs(0))
+def test_evaluation_mask_drops_the_border_and_invalid_pixels():
+    example = {"valid": np.ones((10, 12, 1), bool)}
+    example["valid"][5, 5] = False
+    mask = evaluate.evaluation_mask(example, 3)
+    assert mask.sum() == (10 - 6) * (12 - 6) - 1 and mask[3:7, 3:9].sum() == mask.sum()
+    np.testing.assert_array_equal(evaluate.evaluation_mask(example, 0), example["valid"][..., 0])
+    with pytest.raises(ValueError, match="eval_border"):
+        evaluate.evaluation_mask(example, 5)
 
 
 # --------------------------------------------------------------------------
@@ -394,7 +221,8 @@ def test_model_param_counts_are_close_and_ddf_up_is_used():
 # --------------------------------------------------------------------------
 
 
-def _tiny_config(**overrides):
+def tiny_config(**overrides):
+    """The default config shrunk to one tiny network at x2, for tests."""
     config = default_config.get_config()
     config.models = ("plain_net",)
     config.scales = (2,)
@@ -407,7 +235,6 @@ def _tiny_config(**overrides):
     config.synthetic.pool_size = 8
     config.validation_examples = 4
     config.guided_filter.tune_examples = 1
-    config.guided_filter.tune_size = 32
     config.guided_filter.radii = (1, 2)
     config.guided_filter.epsilons = (1e-2,)
     config.num_devices = 1
@@ -426,12 +253,12 @@ def _params(model):
 
 def test_train_model_resumes_exactly(tmp_path):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    config = _tiny_config()
-    data = train.TrainData(config)
+    config = tiny_config()
+    data = input_pipeline.TrainData(config)
     straight = train.train_model(config, "plain_net", 2, str(tmp_path / "straight"), data, mesh)
     assert straight.row["finished"] and straight.row["steps"] == 4
 
-    interrupted = _tiny_config(stop_after_steps=2)
+    interrupted = tiny_config(stop_after_steps=2)
     first = train.train_model(interrupted, "plain_net", 2, str(tmp_path / "resumed"), data, mesh)
     assert not first.row["finished"] and first.row["steps"] == 2
     assert not os.path.exists(tmp_path / "resumed" / "result.json")
@@ -447,26 +274,36 @@ def test_train_model_resumes_exactly(tmp_path):
     from experiments.common.errors import RunFinishedError
 
     with pytest.raises(RunFinishedError):
-        train.train_model(_tiny_config(learning_rate=1e-4), "plain_net", 2, str(tmp_path / "resumed"), data,
+        train.train_model(tiny_config(learning_rate=1e-4), "plain_net", 2, str(tmp_path / "resumed"), data,
                           mesh)
 
 
 def test_train_and_evaluate_one_step_writes_results(tmp_path):
-    config = _tiny_config(models=("ddf_up_net",))
+    config = tiny_config(models=("ddf_up_net",))
     config.model.base_features = 8  # DDF-Up's channel branch needs int(0.2 * C) >= 1.
     config.model.max_features = 8
     config.per_scale.x2.steps = 1
     config.panels = True
     results = train.train_and_evaluate(config, str(tmp_path))
-    assert set(results) == {"bilinear", "bicubic", "guided_filter", "ddf_up_net"}
-    for method, row in results.items():
-        assert set(row) == {"x2"} and np.isfinite(row["x2"]) and row["x2"] > 0
+    # Both Middlebury halves, every method on each.
+    assert set(results) == {"middlebury_left", "middlebury_right"}
+    for part in results.values():
+        assert set(part) == {"bilinear", "bicubic", "guided_filter", "ddf_up_net"}
+        for method, row in part.items():
+            assert set(row) == {"x2"} and np.isfinite(row["x2"]) and row["x2"] > 0
+    assert results["middlebury_left"] != results["middlebury_right"]
     with open(tmp_path / "results.json") as f:
         assert json.load(f) == results
-    assert (tmp_path / "results.md").read_text().startswith("RMSE")
-    assert (tmp_path / "panels_x2.png").stat().st_size > 1000
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("RMSE") and "left half (496 x 368)" in table and "right half" in table
+    assert "guided_filter tuned on the right half of the image" in table
+    assert (tmp_path / "panels_middlebury_right_x2.png").stat().st_size > 1000
     details = json.loads((tmp_path / "details.json").read_text())
     assert details["networks"]["ddf_up_net_x2"]["steps"] == 1
+    assert details["protocol"] == {"downsampling": "area", "eval_border": 0}
+    guided = json.loads((tmp_path / "guided_filter.json").read_text())
+    assert guided["middlebury_left"]["x2"]["tuned_on"] == "the right half of the image"
+    assert len(guided["middlebury_left"]["x2"]["grid"]) == 2
     metrics = [json.loads(line) for line in open(tmp_path / "ddf_up_net_x2" / "metrics.jsonl")]
     assert {"loss", "rmse", "bilinear_rmse"} <= set(metrics[0])
     # A rerun reloads the finished run: same results, and the timings of the run that
@@ -477,30 +314,53 @@ def test_train_and_evaluate_one_step_writes_results(tmp_path):
 
 
 def test_config_validation(tmp_path):
-    config = _tiny_config(scales=(3,))
+    config = tiny_config(scales=(3,))
     with pytest.raises(ValueError, match="power of two"):
         train.train_and_evaluate(config, str(tmp_path))
-    config = _tiny_config(scales=(4,))
+    config = tiny_config(scales=(4,))
     with pytest.raises(ValueError, match="per_scale"):
         train.train_and_evaluate(config, str(tmp_path))
-    config = _tiny_config(models=("resnet",))
+    config = tiny_config(models=("resnet",))
     with pytest.raises(ValueError, match="unknown models"):
         train.train_and_evaluate(config, str(tmp_path))
-    config = _tiny_config(train_data="kitti")
+    config = tiny_config(train_data="kitti")
     with pytest.raises(ValueError, match="train_data"):
-        train.TrainData(config)
+        input_pipeline.TrainData(config)
     with pytest.raises(ValueError, match="loss"):
         train.make_loss_fn("huber", 2)
+    config = tiny_config(downsampling="bicubic")
+    with pytest.raises(ValueError, match="config.downsampling must be one of"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config = tiny_config()
+    config.guided_filter.epsilons = (0.0,)
+    with pytest.raises(ValueError, match="config.guided_filter.epsilons"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config = tiny_config(train_data="nyu")
+    with pytest.raises(ValueError, match="config.nyu_mat_path must be the local path"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config = tiny_config(scales=(32,))
+    config.per_scale = {"x32": {"steps": 1, "crop_size": 32, "batch_size": 4}}
+    with pytest.raises(ValueError, match="config.scales: 32 does not divide the 496 x 368 frames"):
+        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(ValueError, match="config.eval_border=184 leaves nothing"):
+        train.train_and_evaluate(tiny_config(eval_border=184), str(tmp_path))
 
 
-def test_train_and_evaluate_on_nyu_fixture(tmp_path):
-    mat, _, _ = _write_nyu_fixture(str(tmp_path), frames=4, height=32, width=48)
-    split = str(tmp_path / "split.npz")
-    np.savez(split, trainNdxs=np.array([1, 2, 3]), testNdxs=np.array([4]))
-    config = _tiny_config(train_data="nyu", nyu_mat_path=mat, nyu_split_path=split)
-    config.model.disparity_scale = 4.0
-    config.per_scale.x2.steps = 2
-    results = train.train_and_evaluate(config, str(tmp_path / "work"))
-    assert set(results["plain_net"]) == {"x2"} and np.isfinite(results["plain_net"]["x2"])
-    details = json.loads((tmp_path / "work" / "details.json").read_text())
-    assert details["test_set"] == "NYU Depth v2 test" and details["test_frames"] == 1
+def test_summarize_reports_mean_spread_and_wins(tmp_path, capsys):
+    from experiments.joint_upsampling import summarize
+
+    rows = [(1.0, 2.0, 1.5), (3.0, 2.5, 2.6)]  # (bilinear, plain_net, ddf_up_net) per run.
+    dirs = []
+    for index, (bil, plain, ddf) in enumerate(rows):
+        dirs.append(str(tmp_path / f"seed{index}"))
+        os.makedirs(dirs[-1])
+        results = {"middlebury_left": {"bilinear": {"x4": bil}, "plain_net": {"x4": plain},
+                                       "ddf_up_net": {"x4": ddf}}}
+        (tmp_path / f"seed{index}" / "results.json").write_text(json.dumps(results))
+    assert summarize.main(dirs) == 0
+    out = capsys.readouterr().out
+    assert "middlebury_left, 2 runs" in out
+    assert f"| bilinear | 2.000 ± {np.std([1.0, 3.0], ddof=1):.3f} (1.000 / 3.000) |" in out
+    assert "ddf_up_net beats plain_net in 1 of 2 runs at x4." in out
+    assert summarize.main([str(tmp_path)]) == 1
+    assert "no results.json" in capsys.readouterr().err

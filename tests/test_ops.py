@@ -7,6 +7,7 @@ hand-written backward is checked numerically in float64 with
 in their own files.
 """
 
+import functools
 import itertools
 
 import chex
@@ -347,3 +348,122 @@ def test_empty_inputs_give_zeros_for_every_implementation(shape, stride, dtype):
         chex.assert_trees_all_equal_shapes_and_dtypes(grads, (x, cf, sf))
         # cf has elements when H = 0: its gradient is an empty sum, exactly zero.
         chex.assert_trees_all_equal(grads, tuple(jnp.zeros_like(a) for a in (x, cf, sf)))
+
+
+# --- the XLA backward's ways of summing the filter gradients -------------------
+
+
+def _autodiff_reference(x, cf, sf, *, k, stride, dilation, combine):
+    """The op as plain jnp (pad, one strided window per tap, sum), for jax.vjp. Independent of kernels/."""
+    if sf.ndim == 4:
+        sf = sf[:, :, :, None, :]
+    n, h, w, c = x.shape
+    _, ho, wo, heads, _ = sf.shape
+    r = (k - 1) // 2
+    pad = r * dilation
+    xp = jnp.pad(x, ((0, 0), (pad, pad + stride), (pad, pad + stride), (0, 0)))
+    sf_c = jnp.repeat(sf, c // heads, axis=3)  # (N, Ho, Wo, C, K)
+    out = 0.0
+    for ky in range(k):
+        for kx in range(k):
+            t = ky * k + kx
+            y0, x0 = ky * dilation, kx * dilation
+            window = xp[:, y0 : y0 + ho * stride : stride, x0 : x0 + wo * stride : stride, :]
+            spatial, channel = sf_c[..., t], cf[:, None, None, :, t]
+            out = out + window * (spatial * channel if combine == "mul" else spatial + channel)
+    return out
+
+
+def _value_and_vjp(f, x, cf, sf, g):
+    """f(x, cf, sf) and its VJP with cotangent g."""
+    out, vjp = jax.vjp(f, x, cf, sf)
+    return out, vjp(g)
+
+
+# (N, H, W, C, k, stride, dilation, heads, combine) and the methods
+# (`spatial_filter_method`, `channel_filter_method`) the XLA backward picks for it.
+XLA_SUMMATION_GRID = [
+    ((2, 9, 7, 64, 3, 1, 1, None, "mul"), ("eights", "eights")),
+    ((2, 9, 7, 128, 3, 1, 2, 2, "add"), ("eights", "eights")),  # 64 channels per head
+    ((1, 6, 5, 128, 3, 1, 1, 1, "mul"), ("eights", "eights")),  # 16 chunks: two steps
+    ((2, 11, 9, 32, 3, 2, 1, None, "add"), ("eights", "eights")),
+    ((2, 10, 9, 40, 3, 3, 1, 5, "mul"), ("eights", "eights")),  # one chunk per head
+    ((1, 37, 5, 16, 5, 1, 2, 2, "add"), ("scalar", "blocks")),  # a short last block
+    ((1, 9, 8, 8, 7, 1, 1, None, "mul"), ("scalar", "scalar")),
+]
+
+
+@pytest.mark.parametrize("shape,methods", XLA_SUMMATION_GRID)
+def test_xla_backward_summations_float64(shape, methods):
+    """Every way the XLA backward sums d_spatial_filter and d_channel_filter, checked element-wise
+    against autodiff of a plain jnp formula and numerically, in float64."""
+    from ddf_jax.kernels import xla
+
+    n, h, w, c, k, s, d, heads, combine = shape
+    with jax.enable_x64(True):
+        x, cf, sf, g = random_ddf_inputs(n * h + c + k, n, h, w, c, k, s, heads, np.float64)
+        picked = (
+            xla.spatial_filter_method(g.shape, heads or 1, k * k, x.size),
+            xla.channel_filter_method(g.shape, k * k, x.size),
+        )
+        assert picked == methods
+
+        @jax.jit
+        def f(x, cf, sf):
+            return ddf_jax.ddf(x, cf, sf, kernel_size=k, stride=s, dilation=d, combine=combine, implementation="xla")
+
+        out, grads = jax.jit(lambda *a: _value_and_vjp(f, *a))(x, cf, sf, g)
+        chex.assert_trees_all_close(out, ddf_reference(x, cf, sf, k, s, d, combine), rtol=1e-12, atol=1e-12)
+        reference = functools.partial(_autodiff_reference, k=k, stride=s, dilation=d, combine=combine)
+        _, expected = jax.jit(lambda *a: _value_and_vjp(reference, *a))(x, cf, sf, g)
+        for got, want in zip(grads, expected):
+            assert got.dtype == jnp.float64
+            chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12 * float(jnp.abs(want).max()))
+        check_grads(f, (x, cf, sf), order=1, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape,methods", [XLA_SUMMATION_GRID[0], XLA_SUMMATION_GRID[3], XLA_SUMMATION_GRID[5]])
+def test_xla_backward_low_precision_within_one_rounding(dtype, shape, methods):
+    """16-bit inputs: each gradient is the float64 gradient of the same (rounded) inputs, rounded once.
+
+    Accumulation is float32, so the error is one rounding to the 16-bit type
+    (at most one unit roundoff, relative) plus float32 rounding of the sums.
+    """
+    del methods  # the paths are asserted in the float64 test
+    n, h, w, c, k, s, d, heads, combine = shape
+    x, cf, sf, g = (a.astype(dtype) for a in random_ddf_inputs(c + k, n, h, w, c, k, s, heads))
+
+    def f(x, cf, sf):
+        return ddf_jax.ddf(x, cf, sf, kernel_size=k, stride=s, dilation=d, combine=combine, implementation="xla")
+
+    _, grads = jax.jit(lambda *a: _value_and_vjp(f, *a))(x, cf, sf, g)
+    with jax.enable_x64(True):
+        wide = [jnp.asarray(np.asarray(a.astype(jnp.float32)), jnp.float64) for a in (x, cf, sf, g)]
+        reference = functools.partial(_autodiff_reference, k=k, stride=s, dilation=d, combine=combine)
+        _, expected = jax.jit(lambda *a: _value_and_vjp(reference, *a))(*wide)
+        expected = [np.asarray(e) for e in expected]
+    unit_roundoff = float(jnp.finfo(dtype).eps) / 2
+    for got, want in zip(grads, expected):
+        assert got.dtype == dtype
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        # One rounding of the result, plus float32 sums of up to k*k*H*W terms of size max|want|.
+        bound = unit_roundoff * np.abs(want) + 1e-5 * np.abs(want).max()
+        assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / (bound + 1e-300)))
+
+
+@pytest.mark.parametrize("k,stride,c", [(3, 1, 64), (3, 2, 64), (5, 1, 64), (3, 1, 32)])
+def test_xla_vjp_memory_stays_small(k, stride, c):
+    """The jitted forward + VJP (random cotangent) keeps temporaries under 4x the bytes of x on every path."""
+    x, cf, sf, g = random_ddf_inputs(1, 2, 28, 28, c, k, stride)
+
+    def forward_and_vjp(x, cf, sf, g):
+        def f(*a):
+            return ddf_jax.ddf(*a, kernel_size=k, stride=stride, implementation="xla")
+
+        return _value_and_vjp(f, x, cf, sf, g)
+
+    analysis = jax.jit(forward_and_vjp).lower(x, cf, sf, g).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert analysis.temp_size_in_bytes <= 4 * x.nbytes, analysis.temp_size_in_bytes / x.nbytes

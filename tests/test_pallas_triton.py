@@ -13,7 +13,6 @@ optimisation turned down (`FAST_COMPILE`), and the larger-k gradient cases
 are marked `slow`.
 """
 
-import contextlib
 import functools
 
 import chex
@@ -24,7 +23,9 @@ import pytest
 from jax.test_util import check_grads
 
 import ddf_jax
-from ddf_jax.kernels import DDFConfig, ImplementationUnavailable, pallas_triton, tuning
+from ddf_jax.kernels import DDFConfig, ImplementationUnavailable, pallas_triton
+from ddf_jax.kernels.common import LaunchConfig
+from experiments.kernel_report import TRITON_TARGET, cuda_export_error, export_for_cuda
 from tests.reference import ddf_reference
 from tests.utils import random_ddf_inputs as random_inputs
 
@@ -35,13 +36,9 @@ IMPL = "pallas_triton"
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 # Small tiles, so that every kernel runs several pixel tiles and several
-# channel tiles (the filters kernel loops over >= 2 channel tiles per head),
+# channel tiles (the backward kernel loops over >= 2 channel tiles per head),
 # with partial tiles at the edges, even on these tiny shapes.
-SMALL_BLOCKS = tuning.BlockSizes(
-    forward=tuning.LaunchConfig(32, 8, num_warps=4, num_stages=1),
-    dx=tuning.LaunchConfig(32, 8, num_warps=4, num_stages=1),
-    filters=tuning.LaunchConfig(16, 4, num_warps=4, num_stages=1),
-)
+SMALL_BLOCKS = pallas_triton.BlockSizes(forward=LaunchConfig(32, 8), backward=LaunchConfig(16, 4))
 
 # (n, h, w, c, k, stride, dilation, heads, combine). H, W, C are odd or not
 # powers of two, so no tile divides evenly; heads None means a 4-D filter.
@@ -51,6 +48,7 @@ CASES = [
     (1, 11, 9, 12, 3, 2, 2, 2, "add"),
     (1, 9, 11, 20, 3, 3, 3, 4, "mul"),
     (1, 11, 9, 20, 5, 2, 1, 2, "mul"),
+    (1, 9, 7, 16, 3, 1, 1, 2, "mul"),  # 8 channels per head: one head per forward channel tile
 ]
 # Larger k compiles slowly in interpret mode: forward only in the fast set.
 FORWARD_ONLY_CASES = [
@@ -91,7 +89,7 @@ def pallas_op(k, stride, dilation, combine, block_sizes=None):
             combine=combine,
             implementation=IMPL,
         )
-    op = pallas_triton.make_op(interpret=interpreting(), block_sizes=block_sizes)
+    op = pallas_triton.get_op(jax.default_backend(), block_sizes)
     config = DDFConfig(k, stride, dilation, combine)
 
     def fixed_tiles_op(x, cf, sf):
@@ -303,8 +301,8 @@ def test_get_op_platforms_and_caching():
     assert interpreted is not compiled
     assert interpreted.__name__ == "ddf_pallas_triton_interpret"
     assert compiled.__name__ == "ddf_pallas_triton"
-    fixed = pallas_triton.make_op(interpret=True, block_sizes=SMALL_BLOCKS)
-    assert fixed is pallas_triton.make_op(True, SMALL_BLOCKS)
+    fixed = pallas_triton.get_op("cpu", SMALL_BLOCKS)
+    assert fixed is pallas_triton.get_op("cpu", block_sizes=SMALL_BLOCKS)
     assert fixed is not interpreted
 
 
@@ -316,67 +314,16 @@ def test_unsupported_platform_raises_instead_of_interpreting(platform):
     assert "CUDA" in message and "('gpu', 'cuda')" in message and 'implementation="xla"' in message
 
 
-def default_blocks(channels, taps, heads=1):
-    return tuning.BlockSizes.get_default("pallas_triton", channels=channels, taps=taps, heads=heads)
-
-
-def test_block_sizes_defaults_and_validation():
-    # K * filters block_pixels stays near 2K elements as k grows.
-    for k, expected in ((1, 128), (3, 128), (5, 64), (7, 32), (9, 16)):
-        assert default_blocks(channels=256, taps=k * k).filters.block_pixels == expected
-    small = default_blocks(channels=12, taps=9, heads=4)
-    assert (small.forward.block_channels, small.forward.block_pixels) == (16, 128)
-    assert small.filters.block_channels == 4
-    assert small.dx == small.forward and small.forward.num_stages == 1
-    assert default_blocks(channels=1000, taps=9).forward.block_channels == 64
-    with pytest.raises(ValueError, match="block_pixels must be a positive power of two, got 24"):
-        tuning.LaunchConfig(24, 16, 4, 1)
-    with pytest.raises(ValueError, match="num_warps must be a positive int, got 0"):
-        tuning.LaunchConfig(16, 16, 0, 1)
-
-
 # --------------------------------------------------------------------------
 # Lowering for CUDA without a GPU.
 # --------------------------------------------------------------------------
 
 
-def _triton_target():
-    return getattr(pallas_triton.pltriton, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
-
-
-def _abstract_gpu():
-    """On jax >= 0.11 the Triton lowering reads the GPU kind from an abstract mesh."""
-    sharding = jax.sharding
-    if not (hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh")):
-        return contextlib.nullcontext()
-    device = sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
-    return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=device))
-
-
-def _export_for_cuda(f, *args):
-    checks = [jax.export.DisabledSafetyCheck.custom_call(_triton_target())]
-    with _abstract_gpu():
-        return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args)
-
-
 def _skip_unless_cuda_export_works():
     """Skips the caller when this jax cannot lower a trivial Triton kernel for CUDA here."""
-    from jax.experimental import pallas as pl
-
-    def add_one_kernel(x_ref, o_ref):
-        o_ref[...] = x_ref[...] + 1
-
-    def probe(x):
-        return pl.pallas_call(
-            add_one_kernel,
-            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-            compiler_params=pallas_triton.pltriton.CompilerParams(num_warps=4, num_stages=1),
-        )(x)
-
-    try:
-        _export_for_cuda(probe, jax.ShapeDtypeStruct((16,), jnp.float32))
-    except Exception as error:  # noqa: BLE001 - any failure of the probe means "cannot here"
-        pytest.skip(f"jax {jax.__version__} cannot export a Triton kernel for CUDA here: {error!r}")
+    reason = cuda_export_error()
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.mark.parametrize(
@@ -397,12 +344,12 @@ def test_kernels_lower_for_cuda(k, stride, dilation, heads, combine, dtype):
     specs = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     op = functools.partial(pallas_triton.get_op("cuda"), config=DDFConfig(k, stride, dilation, combine))
 
-    exported = _export_for_cuda(op, *specs[:3])
-    assert exported.mlir_module().count(_triton_target()) == 1
+    exported = export_for_cuda(op, *specs[:3])
+    assert exported.mlir_module().count(TRITON_TARGET) == 1
     assert exported.out_avals[0].shape == (n, ho, wo, c)
-    exported = _export_for_cuda(vjp_function(op), *specs)
-    # Forward, dx and the fused filter gradients.
-    assert exported.mlir_module().count(_triton_target()) == 3
+    exported = export_for_cuda(vjp_function(op), *specs)
+    # The forward and the fused backward.
+    assert exported.mlir_module().count(TRITON_TARGET) == 2
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Joint (guided) depth up-sampling with DDF-Up: synthetic training, Middlebury evaluation.
+"""Joint (guided) depth up-sampling with DDF-Up: synthetic training and Middlebury, or NYU Depth v2.
 
 Run `python -m experiments.joint_upsampling --workdir DIR`; see README.md.
 """

@@ -1,7 +1,7 @@
 """Classical depth up-samplers and the evaluation metric.
 
 * `bilinear`, `bicubic`: `jax.image.resize` with half-pixel centres (the
-  convention that `input_pipeline.downsample_disparity` produces).
+  convention of the "area" protocol of `downsampling.downsample_disparity`).
 * `guided_filter`: He, Sun and Tang's guided filter (ECCV 2010 / TPAMI 2013)
   with a grayscale or an RGB guide, applied to the bilinear up-sampling.
   Window means use box filters built from cumulative sums, so the cost does
@@ -229,8 +229,9 @@ def tune_guided_filter(
     """Grid-searches the guided filter's radius and eps for one scale.
 
     Args:
-      examples: `input_pipeline.make_example` dicts at this scale ('guide',
-        'low_res', 'target', 'valid'); use synthetic data, never the test set.
+      examples: `downsampling.make_example` dicts at this scale ('guide',
+        'low_res', 'target', 'valid'; pixels where 'valid' is False are not
+        scored); held-out data, never the frames the filter is evaluated on.
       scale: the up-sampling factor of the examples.
       radii: candidate radii.
       epsilons: candidate eps values.

@@ -42,7 +42,12 @@ UPSAMPLERS = ("ddf", "bilinear")
 HEAD_INIT_STDDEV = 1e-2
 
 
-def _num_stages(scale) -> int:
+def num_stages(scale) -> int:
+    """log2(scale), the number of x2 stages of a network for `scale`.
+
+    Raises:
+      ValueError: `scale` is not a power of two >= 2.
+    """
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2 or scale & (scale - 1):
         raise ValueError(f"scale must be a power of two >= 2 (e.g. 4, 8, 16), got {scale!r}")
     return int(math.log2(scale))
@@ -261,7 +266,7 @@ class JointUpsamplingNet(nnx.Module):
         implementation: Optional[str] = None,
         rngs: nnx.Rngs,
     ):
-        levels = _num_stages(scale)
+        levels = num_stages(scale)
         if upsampler not in UPSAMPLERS:
             raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
         for name, value in (

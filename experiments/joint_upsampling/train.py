@@ -1,22 +1,22 @@
-"""Guided depth up-sampling: training, evaluation, results table and panels.
+"""Guided depth up-sampling: training, and the command's whole run.
 
 `train_and_evaluate(config, workdir)`:
 
-1. Tunes the guided filter's radius and eps per scale on synthetic scenes
-   (`workdir/guided_filter.json`).
+1. Checks the config by field, and opens (and checks) the data files.
 2. Trains every network in `config.models` at every scale in `config.scales`
    (one model per scale), each in its own run directory
    `workdir/<model>_x<scale>/` with checkpoints that resume exactly,
    `metrics.jsonl`, TensorBoard events, `config.json` and, once finished,
    `result.json` (a finished run is reported, not retrained; see
-   `experiments.common.checkpoint.prepare_run_dir`).
-3. Evaluates bilinear, bicubic, the guided filter and the networks on the
-   test set (Middlebury "motorcycle", or the NYU test split when training on
-   NYU): RMSE over valid ground-truth pixels at full resolution.
-4. Writes `workdir/results.json` ({method: {"x4": rmse, ...}}),
+   `experiments.common.run_dir.prepare_run_dir`).
+3. Evaluates bilinear, bicubic, the guided filter (tuned on held-out data of
+   the test set's kind) and the networks on the test sets: the two halves of
+   Middlebury "motorcycle", or the NYU test split when training on NYU (see
+   `evaluate`).
+4. Writes `workdir/results.json` ({set: {method: {"x4": rmse, ...}}}),
    `workdir/results.md` (also printed), `workdir/details.json` (parameter
-   counts, MACs, training time, tuned guided-filter values, wall time) and
-   `workdir/panels_x<scale>.png`.
+   counts, MACs, training time, tuned guided-filter values, protocol, wall
+   time), `workdir/guided_filter.json` and `workdir/panels_<set>_x<scale>.png`.
 
 Training reuses `experiments.common`: `Trainer` (one jitted data-parallel step),
 `train_loop`, `Checkpointer`, `MetricsWriter` and `build_schedule`. The data
@@ -27,17 +27,15 @@ resumed at step S simply restarts it at S.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -45,12 +43,17 @@ import ddf_jax
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
-from experiments.common import config_checks as checks
 from experiments.common import optim, sharding
-from experiments.common.errors import ConfigError
 from experiments.common.metrics import MetricsWriter
 from experiments.common.train_state import Trainer
-from experiments.joint_upsampling import baselines, input_pipeline, models
+from experiments.joint_upsampling import evaluate, input_pipeline, models
+from experiments.joint_upsampling.config_validation import (
+    DTYPES,
+    LOSSES,
+    check_config,
+    scale_config,
+    scale_key,
+)
 
 # Config keys that may change between a run and its resumption without
 # changing the trained model.
@@ -71,40 +74,9 @@ _NOT_RUN_KEYS = (
     "per_scale",
     "guided_filter",
     "nyu_eval_frames",
+    "eval_border",
     "panels",
 )
-RESULTS_FILE = "results.json"
-TABLE_FILE = "results.md"
-DETAILS_FILE = "details.json"
-GUIDED_FILTER_FILE = "guided_filter.json"
-BASELINES = ("bilinear", "bicubic", "guided_filter")
-LOSSES = ("l1", "l2")
-DTYPES = ("float32", "bfloat16")
-
-
-def scale_key(scale: int) -> str:
-    """'x8' for 8: the key used in configs and results."""
-    return f"x{scale}"
-
-
-def scale_config(config: ml_collections.ConfigDict, scale: int) -> ml_collections.ConfigDict:
-    """The `config.per_scale` entry for `scale` (steps, crop_size, batch_size)."""
-    key = scale_key(scale)
-    if key not in config.per_scale:
-        raise ConfigError(
-            f"config.per_scale has no entry {key!r} for scale {scale}; "
-            f"it has {sorted(config.per_scale.keys())}"
-        )
-    entry = config.per_scale[key]
-    for name in ("steps", "crop_size", "batch_size"):
-        value = entry[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config.per_scale.{key}.{name} must be a positive int, got {value!r}")
-    if entry.crop_size % scale:
-        raise ConfigError(
-            f"config.per_scale.{key}.crop_size must be a multiple of {scale}, got {entry.crop_size}"
-        )
-    return entry
 
 
 def create_model(config: ml_collections.ConfigDict, name: str, scale: int, rngs: nnx.Rngs):
@@ -183,76 +155,6 @@ def eval_fn(model, batch):
     }
 
 
-def synthetic_source(config: ml_collections.ConfigDict, size: int, seed_offset: int = 0):
-    """`SyntheticRGBD` of side `size` from `config.synthetic` (seed + seed_offset)."""
-    s = config.synthetic
-    return input_pipeline.SyntheticRGBD(
-        seed=s.seed + seed_offset,
-        height=size,
-        width=size,
-        min_disparity=s.min_disparity,
-        max_disparity=s.max_disparity,
-        min_shapes=s.min_shapes,
-        max_shapes=s.max_shapes,
-        trap_probability=s.trap_probability,
-        texture_probability=s.texture_probability,
-        camouflage_probability=s.camouflage_probability,
-        noise_std=s.noise_std,
-    )
-
-
-# Offset of the synthetic validation scenes' seed from the training seed.
-VALIDATION_SEED_OFFSET = 1_000_003
-
-
-class TrainData:
-    """Training-batch factory shared by the runs of one `train_and_evaluate` call.
-
-    `batches(scale, start_step)` returns the deterministic batch iterator of a
-    run from `start_step` on (this process's rows of every global batch; see
-    `sharding.process_slice`); synthetic crops are generated once per crop size
-    and shared by all runs (`input_pipeline.CachedSource`).
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        if config.train_data not in ("synthetic", "nyu"):
-            raise ValueError(f"config.train_data must be 'synthetic' or 'nyu', got {config.train_data!r}")
-        self.config = config
-        self._sources: dict[int, Any] = {}
-        self._nyu = None
-        if config.train_data == "nyu":
-            self._nyu = input_pipeline.NYUDepthV2(config.nyu_mat_path, config.nyu_split_path, "train")
-
-    def source(self, crop_size: int):
-        if crop_size not in self._sources:
-            source = synthetic_source(self.config, crop_size)
-            if self.config.synthetic.pool_size:
-                source = input_pipeline.CachedSource(source)
-            self._sources[crop_size] = source
-        return self._sources[crop_size]
-
-    def batches(self, scale: int, start_step: int):
-        entry = scale_config(self.config, scale)
-        if self._nyu is not None:
-            return input_pipeline.random_crops(
-                self._nyu,
-                entry.crop_size,
-                scale,
-                entry.batch_size,
-                seed=self.config.seed,
-                start_step=start_step,
-                rows=sharding.process_slice(entry.batch_size),
-            )
-        return input_pipeline.synthetic_batches(
-            self.source(entry.crop_size),
-            scale,
-            entry.batch_size,
-            start_step=start_step,
-            pool_size=self.config.synthetic.pool_size,
-            rows=sharding.process_slice(entry.batch_size),
-        )
-
-
 def _run_config(config: ml_collections.ConfigDict, model_name: str, scale: int) -> dict[str, Any]:
     """The config of one (model, scale) run, as stored in its `config.json`."""
     run = config.to_dict()
@@ -301,7 +203,7 @@ def train_model(
       model_name: 'ddf_up_net' or 'plain_net'.
       scale: 4, 8, 16, ...
       run_dir: the run directory.
-      data: the shared `TrainData`.
+      data: the shared `input_pipeline.TrainData`.
       mesh: the data-parallel mesh.
 
     Returns:
@@ -359,9 +261,10 @@ def train_model(
             "training the remaining steps again", run_dir, stored.get("steps"), start_step,
         )
 
-    validation = _validation_batches(config, scale, entry)
+    rows = sharding.process_slice(entry.batch_size)  # This process's rows of each global batch.
+    validation = input_pipeline.validation_batches(config, scale, entry.crop_size, entry.batch_size, rows)
 
-    def evaluate(step: int) -> dict[str, float]:
+    def validate(step: int) -> dict[str, float]:
         totals: dict[str, float] = {}
         for batch in validation:
             sums = jax.device_get(trainer.eval_step(sharding.shard_batch(batch, mesh)))
@@ -381,14 +284,14 @@ def train_model(
     with MetricsWriter(run_dir, resume_step=start_step) as writer:
         result = loop_lib.train_loop(
             trainer,
-            data.batches(scale, start_step),
+            data.batches(scale, entry.crop_size, entry.batch_size, start_step, rows),
             num_steps=num_steps,
             shard_fn=lambda batch: sharding.shard_batch(batch, mesh),
             start_step=start_step,
             resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
-            evaluate=evaluate if validation else None,
+            evaluate=validate if validation else None,
             eval_every_steps=config.eval_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps,
             log_every_steps=config.log_every_steps,
@@ -399,7 +302,7 @@ def train_model(
         )
     checkpointer.close()
     if result.finished and result.last_eval is None and validation:
-        result.last_eval = evaluate(result.step)  # Resumed at the final step.
+        result.last_eval = validate(result.step)  # Resumed at the final step.
     last_eval = result.last_eval or {}
     row = {
         "model": model_name,
@@ -417,236 +320,7 @@ def train_model(
     return RunOutput(row, trainer.model())
 
 
-def _validation_batches(config, scale: int, entry) -> list[dict[str, np.ndarray]]:
-    """This process's rows of the fixed synthetic validation set (another seed), in batches.
-
-    The global batches have the run's batch size.
-
-    `check_config` has checked that `config.validation_examples` is 0 or at least the
-    batch size; the last incomplete batch is dropped.
-    """
-    count, size = config.validation_examples, entry.batch_size
-    if count == 0:
-        return []
-    source = synthetic_source(config, entry.crop_size, VALIDATION_SEED_OFFSET)
-    rows = sharding.process_slice(size)  # This process's rows of each global batch.
-    batches = []
-    for start in range(0, count - count % size, size):
-        examples = [input_pipeline.make_example(**source[start + i], scale=scale)
-                    for i in range(rows.start, rows.stop)]
-        batches.append(input_pipeline.stack_examples(examples))
-    return batches
-
-
-# --------------------------------------------------------------------------
-# Test sets, baselines and prediction
-# --------------------------------------------------------------------------
-
-
-def test_frames(config: ml_collections.ConfigDict) -> tuple[str, list[dict[str, np.ndarray]]]:
-    """(name, frames) of the test set: Middlebury, or NYU test when training on NYU.
-
-    Frames are {'image' (H, W, 3) uint8, 'disparity' (H, W) float32} with H, W
-    multiples of 16 (centre crop).
-    """
-    if config.train_data == "nyu":
-        nyu = input_pipeline.NYUDepthV2(config.nyu_mat_path, config.nyu_split_path, "test")
-        count = len(nyu) if not config.nyu_eval_frames else min(config.nyu_eval_frames, len(nyu))
-        frames = []
-        for i in range(count):
-            frame = nyu[i]
-            frames.append({k: input_pipeline.crop_to_multiple(v, 16) for k, v in frame.items()})
-        return "NYU Depth v2 test", frames
-    return "Middlebury 2014 motorcycle", [input_pipeline.load_middlebury(16)]
-
-
-def tune_guided_filter(config: ml_collections.ConfigDict, scales: Sequence[int]) -> dict[str, dict]:
-    """Grid-searches the guided filter per scale on synthetic validation scenes.
-
-    Returns:
-      {"x4": {"radius", "eps", "rmse", "grid"}, ...}.
-    """
-    gf = config.guided_filter
-    source = synthetic_source(config, gf.tune_size, gf.tune_seed)
-    frames = [source[i] for i in range(gf.tune_examples)]
-    tuned = {}
-    for scale in scales:
-        examples = [input_pipeline.make_example(f["image"], f["disparity"], scale) for f in frames]
-        tuned[scale_key(scale)] = baselines.tune_guided_filter(examples, scale, gf.radii, gf.epsilons)
-    return tuned
-
-
-def predict(model: nnx.Module, example: dict[str, np.ndarray]) -> np.ndarray:
-    """The network's (H, W) prediction for one `make_example` dict.
-
-    Runs on this process's default device, with a host copy of the (replicated)
-    parameters, so every process can evaluate on its own.
-    """
-    graphdef, state = nnx.split(model)
-    state = jax.device_get(state)
-
-    @jax.jit
-    def forward(state, guide, low_res):
-        return nnx.merge(graphdef, state)(guide, low_res)
-
-    out = forward(state, jnp.asarray(example["guide"])[None], jnp.asarray(example["low_res"])[None])
-    return np.asarray(out[0, ..., 0], np.float32)
-
-
-def baseline_predictions(example: dict[str, np.ndarray], scale: int, tuned: dict) -> dict[str, np.ndarray]:
-    """(H, W) predictions of bilinear, bicubic and the tuned guided filter."""
-    low_res = example["low_res"][..., 0]
-    params = tuned[scale_key(scale)]
-    return {
-        "bilinear": baselines.bilinear(low_res, scale),
-        "bicubic": baselines.bicubic(low_res, scale),
-        "guided_filter": baselines.guided_filter_upsample(
-            example["guide"], low_res, scale, params["radius"], params["eps"]
-        ),
-    }
-
-
-# --------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------
-
-
-def format_table(
-    results: dict[str, dict[str, float]], scales: Sequence[int], title: str, unit: str = "disparity pixels"
-) -> str:
-    """The results as a markdown table (RMSE, lower is better; best per scale in bold)."""
-    keys = [scale_key(s) for s in scales]
-    best = {
-        key: min((r[key] for r in results.values() if r.get(key) is not None), default=None) for key in keys
-    }
-    lines = [
-        f"RMSE in {unit} at full resolution, {title} (lower is better).",
-        "",
-        "| method | " + " | ".join(keys) + " |",
-        "| --- | " + " | ".join("---:" for _ in keys) + " |",
-    ]
-    for method, row in results.items():
-        cells = []
-        for key in keys:
-            value = row.get(key)
-            if value is None:
-                cells.append("-")
-            else:
-                cell = f"{value:.3f}"
-                cells.append(f"**{cell}**" if value == best[key] else cell)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def save_panel(path: str, example: dict[str, np.ndarray], predictions: dict[str, np.ndarray], scale: int,
-               rmses: dict[str, float]) -> str:
-    """PNG: guide, low-res input, ground truth; each prediction; each error map."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    target = example["target"][..., 0]
-    valid = example["valid"][..., 0]
-    shown = np.where(valid, target, np.nan)
-    lo, hi = np.nanpercentile(shown, 1), np.nanpercentile(shown, 99)
-    columns = max(3, len(predictions))
-    fig, axes = plt.subplots(3, columns, figsize=(3.2 * columns, 7.2), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    low_res = np.repeat(np.repeat(example["low_res"][..., 0], scale, 0), scale, 1)
-    axes[0, 0].imshow(example["guide"])
-    axes[0, 0].set_title("guide (RGB)")
-    axes[0, 1].imshow(low_res, vmin=lo, vmax=hi, cmap="viridis", interpolation="nearest")
-    axes[0, 1].set_title(f"low-res input (x{scale})")
-    axes[0, 2].imshow(shown, vmin=lo, vmax=hi, cmap="viridis")
-    axes[0, 2].set_title("ground truth")
-    error_max = 0.1 * (hi - lo)
-    for column, (name, prediction) in enumerate(predictions.items()):
-        axes[1, column].imshow(prediction, vmin=lo, vmax=hi, cmap="viridis")
-        axes[1, column].set_title(f"{name}\nRMSE {rmses[name]:.3f}", fontsize=9)
-        error = np.where(valid, np.abs(prediction - target), np.nan)
-        axes[2, column].imshow(error, vmin=0, vmax=error_max, cmap="magma")
-        axes[2, column].set_title(f"|error| {name}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def check_config(config: ml_collections.ConfigDict):
-    """Checks every config field by name before any data, tuning or model work.
-
-    Returns:
-      The data-parallel mesh (each scale's batch size is checked against it).
-
-    Raises:
-      ConfigError: a field is out of range (the message names it).
-    """
-    scales = tuple(config.scales)
-    if not scales:
-        raise ConfigError("config.scales must name at least one scale, got ()")
-    for scale in scales:
-        if isinstance(scale, bool) or not isinstance(scale, int):
-            raise ConfigError(f"config.scales must hold ints, got {scale!r}")
-        try:
-            models._num_stages(scale)
-        except ValueError as err:
-            raise ConfigError(f"config.scales: {err}") from None
-        scale_config(config, scale)
-    names = tuple(config.models)
-    unknown = [n for n in names if n not in models.MODELS]
-    if unknown or not names:
-        raise ConfigError(f"config.models has unknown models {unknown or '()'}; known: {tuple(models.MODELS)}")
-    checks.one_of(config, "dtype", DTYPES)
-    checks.one_of(config, "loss", LOSSES)
-    checks.one_of(config, "train_data", ("synthetic", "nyu"))
-    checks.positive_number(config, "learning_rate")
-    for name in ("weight_decay", "grad_clip_norm"):
-        checks.number_in(config, name, 0.0, float("inf"))
-    for name in ("log_every_steps", "keep_checkpoints", "guided_filter.tune_examples",
-                 "guided_filter.tune_size"):
-        checks.integer(config, name, minimum=1)
-    for name in ("warmup_steps", "validation_examples", "nyu_eval_frames", "num_devices",
-                 "eval_every_steps", "checkpoint_every_steps", "stop_after_steps",
-                 "synthetic.pool_size"):
-        checks.integer(config, name, minimum=0)
-    checks.integer(config, "seed", minimum=0, maximum=2**32 - 1)
-    for name in ("panels", "progress_bar", "overwrite", "distributed"):
-        checks.boolean(config, name)
-    mesh = sharding.create_mesh(config.num_devices)
-    for scale in scales:
-        entry = scale_config(config, scale)
-        sharding.check_batch_size(entry.batch_size, mesh, f"config.per_scale.{scale_key(scale)}.batch_size")
-        if config.validation_examples and config.validation_examples < entry.batch_size:
-            raise ConfigError(
-                f"config.validation_examples must be 0 or >= the batch size {entry.batch_size} "
-                f"of scale {scale}, got {config.validation_examples}"
-            )
-    return mesh
-
-
-def _keep_training_timings(workdir: str, timings: dict[str, float],
-                           runs: dict[tuple[str, int], RunOutput]) -> dict[str, float]:
-    """The timings for details.json: those of the invocations that trained the networks.
-
-    A rerun that only reloads finished runs keeps the stored timings (it has not trained
-    anything); a rerun that trains some keeps the stored seconds of the others.
-    """
-    try:
-        with open(os.path.join(workdir, DETAILS_FILE)) as f:
-            stored = json.load(f)["seconds"]
-        if not isinstance(stored, dict):
-            return timings
-    except (OSError, ValueError, KeyError, TypeError):
-        return timings
-    reloaded = [f"{name}_{scale_key(scale)}" for (name, scale), run in runs.items() if run.reloaded]
-    if len(reloaded) == len(runs):
-        return {**timings, **stored}
-    return {**timings, **{key: stored[key] for key in reloaded if key in stored}}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the whole experiment; see the module docstring.
 
     Args:
@@ -654,28 +328,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workdir: output directory; created.
 
     Returns:
-      {method: {"x4": rmse, ...}} as written to `workdir/results.json`;
+      {set: {method: {"x4": rmse, ...}}} as written to `workdir/results.json`;
       methods are the baselines followed by `config.models`.
     """
     wall_start = time.perf_counter()
     mesh = check_config(config)
     scales = tuple(int(s) for s in config.scales)
     names = tuple(config.models)
-    # The data files are opened (and checked) before any tuning or training.
-    data = TrainData(config)
-    if config.train_data == "nyu":
-        input_pipeline.NYUDepthV2(config.nyu_mat_path, config.nyu_split_path, "test")
+    # The data files are opened (and checked) before any training or tuning.
+    data = input_pipeline.TrainData(config)
+    sets = evaluate.test_sets(config)
+    evaluate.check_test_sets(config, sets)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
 
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    tuned = tune_guided_filter(config, scales)
-    timings["guided_filter_tuning"] = round(time.perf_counter() - start, 2)
-    if is_main:
-        with open(os.path.join(workdir, GUIDED_FILTER_FILE), "w") as f:
-            json.dump(tuned, f, indent=2)
-
     runs: dict[tuple[str, int], RunOutput] = {}
     for scale in scales:
         for name in names:
@@ -686,52 +353,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             timings[f"{name}_{scale_key(scale)}"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
-    test_name, frames = test_frames(config)
-    results: dict[str, dict[str, float]] = {method: {} for method in (*BASELINES, *names)}
-    for scale in scales:
-        errors: dict[str, list[float]] = {method: [] for method in results}
-        for index, frame in enumerate(frames):
-            example = input_pipeline.make_example(frame["image"], frame["disparity"], scale)
-            predictions = baseline_predictions(example, scale, tuned)
-            for name in names:
-                predictions[name] = predict(runs[name, scale].model, example)
-            frame_rmse = {
-                method: baselines.rmse(prediction, example["target"][..., 0], example["valid"][..., 0])
-                for method, prediction in predictions.items()
-            }
-            for method, value in frame_rmse.items():
-                errors[method].append(value)
-            if config.panels and index == 0 and is_main:
-                path = os.path.join(workdir, f"panels_{scale_key(scale)}.png")
-                save_panel(path, example, predictions, scale, frame_rmse)
-        for method, values in errors.items():
-            results[method][scale_key(scale)] = float(np.mean(values))
+    networks = {key: run.model for key, run in runs.items()}
+    results, guided = evaluate.evaluate(config, sets, networks, workdir, panels=config.panels and is_main)
     timings["evaluation"] = round(time.perf_counter() - start, 2)
     timings["total_wall"] = round(time.perf_counter() - wall_start, 2)
     wall_seconds = timings["total_wall"]
-    timings = _keep_training_timings(workdir, timings, runs)
+    reloaded = [f"{name}_{scale_key(scale)}" for (name, scale), run in runs.items() if run.reloaded]
+    timings = evaluate.kept_training_timings(workdir, timings, reloaded, len(runs))
 
-    unit = "metres of depth" if config.train_data == "nyu" else "disparity pixels"
-    table = format_table(results, scales, test_name, unit)
+    table = evaluate.format_report(results, guided, sets, scales)
     details = {
-        "test_set": test_name,
-        "test_frames": len(frames),
+        "test_sets": {s.name: {"title": s.title, "frames": len(s.frames), "unit": s.unit,
+                               "guided_filter_tuned_on": s.tuned_on} for s in sets},
+        "protocol": {"downsampling": config.downsampling, "eval_border": config.eval_border},
         "train_data": config.train_data,
         "networks": {f"{n}_{scale_key(s)}": runs[n, s].row for (n, s) in runs},
-        "guided_filter": {k: {"radius": v["radius"], "eps": v["eps"], "synthetic_rmse": v["rmse"]}
-                          for k, v in tuned.items()},
+        "guided_filter": {name: {k: {"radius": v["radius"], "eps": v["eps"], "tuning_rmse": v["rmse"]}
+                                 for k, v in per_scale.items()} for name, per_scale in guided.items()},
         "seconds": timings,
         "devices": [str(d) for d in mesh.devices.ravel()],
     }
     if is_main:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(workdir, TABLE_FILE), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(workdir, DETAILS_FILE), "w") as f:
-            json.dump(details, f, indent=2)
-            f.write("\n")
+        evaluate.write_outputs(workdir, results, table, details, guided)
         params = ", ".join(
             f"{n}: {runs[n, s].row['params']:,}" for (n, s) in runs if s == scales[-1]
         )
