@@ -16,7 +16,7 @@ from flax import nnx
 
 from ddf_jax import models as ddf_models
 
-from experiments.classification import input_pipeline, train
+from experiments.classification import datasets, input_pipeline, report, train, transforms
 from experiments.classification.configs import default as default_config
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import run_dir as run_dir_lib
@@ -44,6 +44,11 @@ def tiny_config(**overrides):
     return config
 
 
+def run_dir_of(workdir, model="resnet20_cifar", seed=0):
+    """The run directory of `model` and `seed` in a command's workdir (no sweep)."""
+    return os.path.join(workdir, model, f"seed_{seed}")
+
+
 def final_state(run_dir):
     """The newest checkpoint's array tree of a run, as numpy."""
     ckpt = checkpoint_lib.Checkpointer(os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR))
@@ -68,42 +73,50 @@ def finished_workdir(tmp_path_factory):
         models=("ddf_mul_resnet20_cifar", "resnet20_cifar"),
         model_overrides={"layers": (1,), "widths": (8,), "stem_width": 8},
     )
-    rows = train.train_and_evaluate(config, workdir)
-    return workdir, config, rows
+    results = train.train_and_evaluate(config, workdir)
+    return workdir, config, results
 
 
 def test_train_and_evaluate_one_step(finished_workdir):
-    workdir, config, rows = finished_workdir
+    workdir, config, results = finished_workdir
+    rows = results["runs"]
     assert [r["model"] for r in rows] == list(config.models)
-    with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    with open(os.path.join(workdir, report.RESULTS_FILE)) as f:
         stored = json.load(f)
-    assert stored == rows
+    assert stored == json.loads(json.dumps(results))
     for row in rows:
-        assert {"model", "params", "macs", "top1", "train_seconds"} <= set(row)
-        assert row["params"] > 0 and row["macs"] > 0
-        assert 0.0 <= row["top1"] <= 1.0 and row["train_seconds"] > 0
+        assert {"model", "seed", "learning_rate", "params", "macs", "validation", "test",
+                "train_seconds"} <= set(row)
+        assert row["params"] > 0 and row["macs"] > 0 and row["train_seconds"] > 0
+        assert (row["seed"], row["learning_rate"]) == (0, config.learning_rate)
         assert row["steps"] == 1 and row["finished"]
-        run_dir = os.path.join(workdir, row["model"])
-        evals = read_metrics(run_dir, split="eval")
-        assert len(evals) == 1 and evals[0]["count"] == 360  # The whole digits test split.
+        assert row["validation"]["count"] == 288 and row["test"]["count"] == 360  # Whole splits.
+        assert 0.0 <= row["validation"]["top1"] <= 1.0 and 0.0 <= row["test"]["top1"] <= 1.0
+        run_dir = run_dir_of(workdir, row["model"])
+        evals = read_metrics(run_dir, split="eval")  # Evaluation during training: validation.
+        assert len(evals) == 1 and evals[0]["count"] == 288
+        assert evals[0]["top1"] == row["validation"]["top1"]
         assert np.isfinite(read_metrics(run_dir, split="train")[0]["loss"])
         assert os.path.exists(os.path.join(run_dir, run_dir_lib.RESULT_FILE))
         assert os.listdir(os.path.join(run_dir, "tensorboard"))
     ddf, conv = rows
     assert ddf["params"] != conv["params"]  # Really two different models.
-    assert os.path.getsize(os.path.join(workdir, train.CURVES_FILE)) > 1000
+    assert [m["model"] for m in results["models"]] == list(config.models)
+    assert results["selection"]["chosen"] == {m: config.learning_rate for m in config.models}
+    assert os.path.getsize(os.path.join(workdir, report.CURVES_FILE)) > 1000
 
 
 def test_finished_run_is_reported_not_retrained(finished_workdir, monkeypatch):
-    workdir, config, rows = finished_workdir
+    workdir, config, results = finished_workdir
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished run must not be trained again")
 
     monkeypatch.setattr(loop_lib, "train_loop", fail)
-    # Run-control keys may differ; the stored result comes back.
+    # Run-control keys may differ; the stored result comes back (the test split of the
+    # final checkpoint, evaluated again, gives the same numbers).
     again = train.train_and_evaluate(tiny_config(**{**config, "log_every_steps": 5}), workdir)
-    assert again == rows
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))
     # A different config for a finished run is refused.
     with pytest.raises(errors.RunFinishedError, match="num_train_steps"):
         train.train_and_evaluate(tiny_config(**{**config, "num_train_steps": 2}), workdir)
@@ -138,19 +151,20 @@ def test_resume_is_exact(tmp_path):
     train.train_and_evaluate(config, straight)
 
     resumed = str(tmp_path / "resumed")
-    rows = train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), resumed)
+    rows = train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), resumed)["runs"]
     assert rows[0]["steps"] == 2 and not rows[0]["finished"]
-    run_dir = os.path.join(resumed, "resnet20_cifar")
+    assert rows[0]["test"] is None  # Unfinished: nothing chosen, the test split not read.
+    run_dir = run_dir_of(resumed)
     assert run_dir_lib.read_result(run_dir) is None  # Not finished yet.
-    rows = train.train_and_evaluate(config, resumed)
+    rows = train.train_and_evaluate(config, resumed)["runs"]
     assert rows[0]["steps"] == 4 and rows[0]["finished"]
 
-    step_a, state_a = final_state(os.path.join(straight, "resnet20_cifar"))
+    step_a, state_a = final_state(run_dir_of(straight))
     step_b, state_b = final_state(run_dir)
     assert step_a == step_b == 4
     # Parameters, BatchNorm statistics, momentum, step and RNG: bit-identical.
     chex.assert_trees_all_equal(state_a, state_b)
-    losses_a = train_losses(os.path.join(straight, "resnet20_cifar"))
+    losses_a = train_losses(run_dir_of(straight))
     losses_b = train_losses(run_dir)
     assert sorted(losses_b) == [1, 2, 3, 4]  # No duplicated or lost log records.
     np.testing.assert_array_equal([losses_a[s] for s in range(1, 5)], [losses_b[s] for s in range(1, 5)])
@@ -162,7 +176,7 @@ def test_data_parallel_matches_single_device(tmp_path):
     for n in (1, 4):
         config = tiny_config(num_train_steps=3, num_devices=n)
         train.train_and_evaluate(config, str(tmp_path / f"dev{n}"))
-        run_dir = str(tmp_path / f"dev{n}" / "resnet20_cifar")
+        run_dir = run_dir_of(str(tmp_path / f"dev{n}"))
         runs[n] = (train_losses(run_dir), read_metrics(run_dir, split="eval")[-1], final_state(run_dir)[1])
     (loss1, eval1, state1), (loss4, eval4, state4) = runs[1], runs[4]
     assert sorted(loss1) == sorted(loss4) == [1, 2, 3]
@@ -310,10 +324,13 @@ def image_folder(tmp_path):
 
 
 def test_image_folder_loader(image_folder):
-    dataset = input_pipeline.load_image_folder(str(image_folder), image_size=16)
+    dataset = datasets.load_image_folder(str(image_folder), image_size=16)
     info = dataset.info
     assert info.class_names == ("cat", "dog") and info.num_classes == 2
-    assert (info.num_train, info.num_eval) == (6, 4)
+    # The validation split: 2 of the 6 training files (one per class); test: val/.
+    assert (info.num_train, info.num_validation, info.num_test) == (4, 2, 4)
+    np.testing.assert_array_equal(dataset.validation_source.labels, [0, 1])
+    assert not set(dataset.validation_source.files) & set(dataset.train_source.files)
     loader = input_pipeline.train_loader(dataset, batch_size=4, seed=3)
     iterator = iter(loader)
     first = next(iterator)
@@ -331,7 +348,7 @@ def test_image_folder_loader(image_folder):
     other = next(iter(input_pipeline.train_loader(dataset, batch_size=4, seed=4)))
     assert not np.array_equal(other["image"], first["image"])
 
-    batches = list(input_pipeline.eval_batches(dataset, batch_size=3))
+    batches = list(input_pipeline.eval_batches(dataset, "test", batch_size=3))
     assert len(batches) == 2
     np.testing.assert_array_equal(np.concatenate([b["mask"] for b in batches]), [1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(batches[0]["label"], [0, 0, 1])
@@ -343,7 +360,7 @@ def test_resize_center_crop_geometry():
 
     array = np.zeros((40, 80, 3), np.uint8)
     array[:, 35:45] = 255  # A bright vertical bar in the middle.
-    out = input_pipeline.ResizeCenterCrop(14, 0.875).map({"image": Image.fromarray(array), "label": 0})
+    out = transforms.ResizeCenterCrop(14, 0.875).map({"image": Image.fromarray(array), "label": 0})
     assert out["image"].shape == (14, 14, 3)
     # Short side 40 -> 16, so the 80-wide image becomes 32 wide; the bar (scaled to 4
     # px) stays centred, and the crop drops 1 px top and bottom.
@@ -351,9 +368,9 @@ def test_resize_center_crop_geometry():
     assert column_means[5:9].min() > 200 and column_means[:3].max() < 30 and column_means[-3:].max() < 30
 
 
-def _cifar_batch(rng, n):
+def _cifar_batch(rng, n, first_label):
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, 10, size=n)]
+    labels = [(first_label + i) % 10 for i in range(n)]  # Over the 5 batches: 3 per class.
     return {b"batch_label": b"x", b"labels": labels, b"data": data, b"filenames": [b"f"] * n}
 
 
@@ -363,8 +380,8 @@ def cifar_dir(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     batches = {}
-    for name in input_pipeline.CIFAR10_TRAIN_FILES + (input_pipeline.CIFAR10_TEST_FILE,):
-        batches[name] = _cifar_batch(rng, 6)
+    for i, name in enumerate(datasets.CIFAR10_TRAIN_FILES + (datasets.CIFAR10_TEST_FILE,)):
+        batches[name] = _cifar_batch(rng, 6, 6 * i)
         with open(root / name, "wb") as f:
             pickle.dump(batches[name], f)
     return tmp_path, batches
@@ -372,75 +389,76 @@ def cifar_dir(tmp_path):
 
 def test_cifar10_loader(cifar_dir):
     parent, batches = cifar_dir
-    dataset = input_pipeline.load_cifar10(str(parent))  # The parent directory also works.
-    assert (dataset.info.num_train, dataset.info.num_eval, dataset.info.in_chans) == (30, 6, 3)
-    record = dataset.eval_source[4]
+    # The parent directory also works. 12 of the 30 training images are held out.
+    dataset = datasets.load_cifar10(str(parent), validation_fraction=0.4)
+    info = dataset.info
+    assert (info.num_train, info.num_validation, info.num_test, info.in_chans) == (18, 12, 6, 3)
+    record = dataset.test_source[4]
     raw = batches["test_batch"][b"data"][4]
     # Row-major 1024 red, then green, then blue values per image.
     np.testing.assert_array_equal(record["image"][2, 7], raw[[2 * 32 + 7, 1024 + 2 * 32 + 7, 2048 + 2 * 32 + 7]])
     assert record["label"] == batches["test_batch"][b"labels"][4]
     train_labels = np.concatenate([batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)])
-    np.testing.assert_array_equal(dataset.train_source.labels, train_labels)
+    train_images = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    held = dataset.split["pool_positions"]["validation"]
+    kept = np.setdiff1d(np.arange(30), held)
+    np.testing.assert_array_equal(dataset.validation_source.labels, train_labels[held])
+    np.testing.assert_array_equal(dataset.train_source.labels, train_labels[kept])
+    np.testing.assert_array_equal(dataset.train_source.images.transpose(0, 3, 1, 2).reshape(18, -1),
+                                  train_images[kept])
+    assert dataset.split["pool_positions"]["test"] is None  # The official test batch.
     batch = next(iter(input_pipeline.train_loader(dataset, batch_size=5, seed=0)))
     assert batch["image"].shape == (5, 32, 32, 3) and batch["image"].dtype == np.uint8
 
 
-def test_digits_split_is_fixed():
-    a = input_pipeline.load_digits(16)
-    b = input_pipeline.load_digits(16)
-    assert (a.info.num_train, a.info.num_eval) == (1437, 360)
-    np.testing.assert_array_equal(a.eval_source.labels, b.eval_source.labels)
-    np.testing.assert_array_equal(a.eval_source.images, b.eval_source.images)
-    assert a.train_source.images.shape == (1437, 16, 16, 1)
-    assert np.bincount(a.eval_source.labels).min() >= 35  # Stratified.
 
 
 def test_missing_or_malformed_data_raise_clear_errors(tmp_path, cifar_dir, image_folder):
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):
-        input_pipeline.load_cifar10(missing)
+        datasets.load_cifar10(missing)
     with pytest.raises(FileNotFoundError, match="nope"):
-        input_pipeline.load_image_folder(missing)
+        datasets.load_image_folder(missing)
     with pytest.raises(ValueError, match="data_dir"):
-        input_pipeline.load_cifar10("")
+        datasets.load_cifar10("")
 
     parent, _ = cifar_dir
     root = parent / "cifar-10-batches-py"
     os.remove(root / "data_batch_3")
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
     (root / "data_batch_3").write_bytes(b"not a pickle at all")
     with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
     with open(root / "data_batch_3", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match=r"data_batch_3.*\(N, 3072\)"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
     with open(root / "data_batch_3", "wb") as f:
         pickle.dump(os.getcwd, f)  # Code, not data: must not be loaded.
     with pytest.raises(ValueError, match="refusing"):
-        input_pipeline.load_cifar10(str(root))
+        datasets.load_cifar10(str(root))
 
     os.makedirs(image_folder / "val" / "bird")
     with pytest.raises(ValueError, match="bird"):
-        input_pipeline.load_image_folder(str(image_folder))
+        datasets.load_image_folder(str(image_folder))
     os.rmdir(image_folder / "val" / "bird")
     os.makedirs(image_folder / "train" / "empty_class")
     with pytest.raises(ValueError, match="empty_class"):
-        input_pipeline.load_image_folder(str(image_folder))
+        datasets.load_image_folder(str(image_folder))
     os.rmdir(image_folder / "train" / "empty_class")
     (image_folder / "train" / "dog" / "9.JPEG").write_bytes(b"garbage")
-    dataset = input_pipeline.load_image_folder(str(image_folder), check_images=False)
+    dataset = datasets.load_image_folder(str(image_folder), check_images=False)
     broken = dataset.train_source.files.index(str(image_folder / "train" / "dog" / "9.JPEG"))
     with pytest.raises(ValueError, match="9.JPEG"):
         dataset.train_source[broken]
     empty_root = tmp_path / "flat"
     (empty_root / "train").mkdir(parents=True)
     with pytest.raises(ValueError, match="no class sub-directories"):
-        input_pipeline.load_image_folder(str(empty_root))
+        datasets.load_image_folder(str(empty_root))
 
     with pytest.raises(ValueError, match="dataset must be one of"):
-        input_pipeline.get_dataset(tiny_config(dataset="mnist"))
+        datasets.get_dataset(tiny_config(dataset="svhn"))
 
 
 # ----------------------------------------------------------------------------- command line and configs
@@ -467,8 +485,8 @@ def test_command_line(tmp_path, capsys, monkeypatch):
         assert main.FLAGS.config.num_train_steps == 1
         main.main(["main"])
         first = capsys.readouterr().out
-        with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
-            rows = json.load(f)
+        with open(os.path.join(workdir, report.RESULTS_FILE)) as f:
+            rows = json.load(f)["runs"]
         assert rows[0]["model"] == "resnet20_cifar" and rows[0]["steps"] == 1
         assert "resnet20_cifar" in first and "top-1" in first
         main.main(["main"])  # Finished: reported, not retrained.
@@ -477,7 +495,7 @@ def test_command_line(tmp_path, capsys, monkeypatch):
         main.FLAGS.unparse_flags()
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet_ddf_mul_resnet50"])
+@pytest.mark.parametrize("name", ["default", "mnist", "cifar10", "imagenet_ddf_mul_resnet50"])
 def test_configs_document_how_to_run(name):
     import importlib
 
