@@ -25,7 +25,7 @@ from jax.test_util import check_grads
 import ddf_jax
 from ddf_jax.kernels import DDFConfig, ImplementationUnavailable, pallas_triton
 from ddf_jax.kernels.common import LaunchConfig
-from experiments.kernel_report import TRITON_TARGET, cuda_export_error, export_for_cuda
+from experiments.sm90_compile import TRITON_TARGET, cuda_export_error, export_for_cuda
 from tests.reference import ddf_reference
 from tests.utils import random_ddf_inputs as random_inputs
 
