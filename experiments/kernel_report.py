@@ -55,7 +55,7 @@ from experiments.sm90_compile import (
     triton_calls,
 )
 
-IMPLEMENTATIONS = ("pallas_triton", "jax_triton")
+GPU_IMPLEMENTATIONS = ("pallas_triton", "jax_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ def compile_case(implementation: str, case: Case, block_sizes=None) -> list[Kern
     """Every kernel of one implementation at one case, compiled for sm_90 (default tiles if None)."""
     compile_kernels = {"pallas_triton": pallas_kernels, "jax_triton": jax_triton_kernels}.get(implementation)
     if compile_kernels is None:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        raise ValueError(f"implementation must be one of {GPU_IMPLEMENTATIONS}, got {implementation!r}")
     with jax.enable_x64(case.dtype == "float64"):
         return compile_kernels(case, block_sizes)
 
@@ -304,15 +304,15 @@ def main(argv=None) -> int:
         "memory and load widths per kernel, and the bytes the op moves.",
     )
     parser.add_argument("--cases", default="all", help=f"comma-separated, or all: {', '.join(CASES)}")
-    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS), help="comma-separated")
+    parser.add_argument("--implementations", default=",".join(GPU_IMPLEMENTATIONS), help="comma-separated")
     parser.add_argument("--json", default=None, help="also write the kernel rows to this JSON file")
     args = parser.parse_args(argv)
     names = list(CASES) if args.cases == "all" else [name.strip() for name in args.cases.split(",")]
     implementations = [name.strip() for name in args.implementations.split(",")]
     unknown = [name for name in names if name not in CASES]
-    unknown += [name for name in implementations if name not in IMPLEMENTATIONS]
+    unknown += [name for name in implementations if name not in GPU_IMPLEMENTATIONS]
     if unknown:
-        parser.error(f"unknown {unknown}; cases: {list(CASES)}, implementations: {list(IMPLEMENTATIONS)}")
+        parser.error(f"unknown {unknown}; cases: {list(CASES)}, implementations: {list(GPU_IMPLEMENTATIONS)}")
     stats, failures = [], []
     start = time.perf_counter()
     for name in names:

@@ -73,7 +73,7 @@ def violations(rows: dict) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("implementation", kernel_report.IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", kernel_report.GPU_IMPLEMENTATIONS)
 def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(implementation, tmp_path):
     pytest.importorskip("triton", reason="the static check compiles with triton's CUDA backend")
     if implementation == "pallas_triton" and (reason := sm90_compile.cuda_export_error()):
@@ -89,7 +89,7 @@ def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(implement
 
 
 def test_design_moves_at_most_1_25x_the_minimum_bytes_at_the_goal_shape():
-    for implementation in kernel_report.IMPLEMENTATIONS:
+    for implementation in kernel_report.GPU_IMPLEMENTATIONS:
         for name in ("goal-bf16-k3", "goal-f32-k3"):
             moved = kernel_report.bytes_moved(kernel_report.CASES[name], implementation)
             assert moved["total"] <= 1.25 * moved["minimum"], (name, implementation, moved)
