@@ -75,6 +75,13 @@ class Downsample(nnx.Module):
         return self.bn(self.conv(x))
 
 
+def shortcut_projection(in_features, out_features, stride, *, norm, dtype, param_dtype, rngs) -> Downsample | None:
+    """The block's `Downsample`, or None when the identity shortcut fits (stride 1, same width)."""
+    if stride == 1 and in_features == out_features:
+        return None
+    return Downsample(in_features, out_features, stride, norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
 class BasicBlock(nnx.Module):
     """ResNet basic block: 3x3 conv (stride s) -> BN -> ReLU -> 3x3 conv -> BN, + shortcut, ReLU.
 
@@ -100,12 +107,9 @@ class BasicBlock(nnx.Module):
         self.bn1 = norm(planes, rngs=rngs)
         self.conv2 = conv_layer(planes, out_features, 3, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.bn2 = norm(out_features, zero_init=zero_init_last, rngs=rngs)
-        if stride != 1 or in_features != out_features:
-            self.downsample = Downsample(
-                in_features, out_features, stride, norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-            )
-        else:
-            self.downsample = None
+        self.downsample = shortcut_projection(
+            in_features, out_features, stride, norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -165,12 +169,9 @@ class Bottleneck(nnx.Module):
         self.bn2 = norm(width, rngs=rngs)
         self.conv3 = conv_layer(width, out_features, 1, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.bn3 = norm(out_features, zero_init=zero_init_last, rngs=rngs)
-        if stride != 1 or in_features != out_features:
-            self.downsample = Downsample(
-                in_features, out_features, stride, norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-            )
-        else:
-            self.downsample = None
+        self.downsample = shortcut_projection(
+            in_features, out_features, stride, norm=norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x if self.downsample is None else self.downsample(x)
