@@ -24,7 +24,8 @@ from experiments.common import errors, integrity, optim, sharding
 from experiments.common import run_dir as run_dir_lib
 from experiments.common.metrics import MetricsWriter, read_metrics
 from experiments.common.train_state import Trainer
-from tests.test_classification import _write_image, final_state, run_dir_of, tiny_config
+from tests.test_classification import final_state, run_dir_of, tiny_config
+from tests.test_classification_data import _write_image
 
 MODEL = "resnet20_cifar"
 TIMING_FIELDS = ("time", "steps_per_second", "examples_per_second")
