@@ -24,6 +24,10 @@ On a GPU, XLA compiles the Pallas kernels with its own Triton, so register
 counts there may differ a little; contiguity and load widths are properties
 of the IR and carry over.
 
+The compiling and the reading of the compiler's output are in
+`experiments/sm90_compile.py`; this file holds the grid of cases, the op's
+launches at each case and the tables.
+
 It also prints the bytes each kernel moves at each case against the minimum
 (`bytes_moved`), so the design's fwd+bwd total can be read beside the table.
 """
@@ -31,27 +35,27 @@ It also prints the bytes each kernel moves at each case against the minimum
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-import re
-import subprocess
 import sys
-import tempfile
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 
 from ddf_jax.kernels import DDFConfig, pallas_triton
+from experiments.sm90_compile import (
+    compile_triton_ir,
+    compile_triton_kernel,
+    cubin_resources,
+    export_for_cuda,
+    ptx_loads,
+    triton_calls,
+)
 
-TRITON_TARGET = "__gpu$xla.gpu.triton"
-CAPABILITY = 90
-IMPLEMENTATIONS = ("pallas_triton", "jax_triton")
+GPU_IMPLEMENTATIONS = ("pallas_triton", "jax_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,67 +147,6 @@ class KernelStats:
         return f"{self.block_pixels}x{self.block_channels} w{self.num_warps} s{self.num_stages}"
 
 
-# --------------------------------------------------------------------------
-# Reading the compiler's output.
-# --------------------------------------------------------------------------
-
-_LOAD = re.compile(r"\bld\.global((?:\.[a-z0-9]+)*)\s")
-
-
-def ptx_loads(ptx: str) -> tuple[int, int, int]:
-    """(16-byte, single-element, other) counts of the `ld.global` instructions in PTX."""
-    vector = scalar = other = 0
-    for match in _LOAD.finditer(ptx):
-        parts = match.group(1).split(".")[1:]
-        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
-        bits = next(int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p))
-        if lanes * bits == 128:
-            vector += 1
-        elif lanes == 1:
-            scalar += 1
-        else:
-            other += 1
-    return vector, scalar, other
-
-
-def _nvidia_tool(name: str) -> str:
-    import triton
-
-    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-def cubin_resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) of the kernel in a cubin, from `cuobjdump -res-usage`."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        text = subprocess.run(
-            [_nvidia_tool("cuobjdump"), "-res-usage", file.name], capture_output=True, text=True, check=True
-        ).stdout
-    registers, stack = re.search(r"REG:(\d+)", text), re.search(r"STACK:(\d+)", text)
-    if not (registers and stack):
-        raise RuntimeError(f"cuobjdump -res-usage printed no REG / STACK:\n{text}")
-    return int(registers.group(1)), int(stack.group(1))
-
-
-@functools.lru_cache(maxsize=None)
-def _backend():
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    return CUDABackend(GPUTarget("cuda", CAPABILITY, 32))
-
-
-def _compile_ttir(module, options, metadata) -> tuple[str, bytes]:
-    """PTX and cubin of a Triton module (TTIR), with triton's sm_90 pipeline."""
-    backend = _backend()
-    module = backend.make_ttir(module, metadata, options, CAPABILITY)
-    module = backend.make_ttgir(module, metadata, options, CAPABILITY)
-    llir = backend.make_llir(module, metadata, options, CAPABILITY)
-    ptx = backend.make_ptx(llir, metadata, options, CAPABILITY)
-    return ptx, backend.make_cubin(ptx, metadata, options, CAPABILITY)
-
-
 def _stats(implementation, case, kernel, launch, ptx, cubin, metadata, seconds) -> KernelStats:
     registers, stack = cubin_resources(cubin)
     shared = int(metadata["shared"])
@@ -212,87 +155,8 @@ def _stats(implementation, case, kernel, launch, ptx, cubin, metadata, seconds) 
 
 
 # --------------------------------------------------------------------------
-# Pallas-Triton: jax.export for CUDA, then the Triton module of each custom call.
+# Pallas-Triton: the Triton module of each custom call of the exported op.
 # --------------------------------------------------------------------------
-
-
-def _abstract_gpu():
-    """On jax >= 0.11 the Triton lowering reads the GPU kind from an abstract mesh."""
-    sharding = jax.sharding
-    if not (hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh")):
-        return contextlib.nullcontext()
-    device = sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
-    return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=device))
-
-
-def export_for_cuda(f, *args):
-    """`jax.export` of jit(f) for CUDA, allowing the Triton custom call."""
-    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)]
-    with _abstract_gpu():
-        return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args)
-
-
-def cuda_export_error() -> str | None:
-    """Why this jax cannot export a Pallas-Triton kernel for CUDA here, or None when it can."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pltriton
-
-    def add_one_kernel(x_ref, o_ref):
-        o_ref[...] = x_ref[...] + 1
-
-    def probe(x):
-        return pl.pallas_call(
-            add_one_kernel,
-            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-        )(x)
-
-    try:
-        export_for_cuda(probe, jax.ShapeDtypeStruct((16,), jnp.float32))
-    except Exception as error:  # noqa: BLE001 - any failure of the probe means "cannot here"
-        return f"jax {jax.__version__} cannot export a Triton kernel for CUDA here: {error!r}"
-    return None
-
-
-def triton_calls(exported) -> list[dict]:
-    """The Triton custom calls of an exported module, in order.
-
-    Each is a dict of name, num_warps, num_stages, grid and ir (the Triton
-    module printed in generic MLIR form).
-    """
-    from jax._src.interpreters import mlir as jax_mlir
-    from jax._src.lib.mlir import ir
-    from jaxlib.triton import dialect
-
-    context = jax_mlir.make_ir_context()
-    dialect.register_dialect(context)
-    calls = []
-    with context:
-        module = ir.Module.parse(exported.mlir_module())
-
-        def visit(operation):
-            for region in operation.regions:
-                for block in region.blocks:
-                    for child in block.operations:
-                        child = child.operation
-                        if child.name == "stablehlo.custom_call" and (
-                            ir.StringAttr(child.attributes["call_target_name"]).value == TRITON_TARGET
-                        ):
-                            config = ir.DictAttr(child.attributes["mhlo.backend_config"])
-                            kernel = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
-                            calls.append(
-                                dict(
-                                    name=ir.StringAttr(config["name"]).value,
-                                    num_warps=ir.IntegerAttr(config["num_warps"]).value,
-                                    num_stages=ir.IntegerAttr(config["num_stages"]).value,
-                                    grid=tuple(ir.IntegerAttr(config[f"grid_{a}"]).value for a in "xyz"),
-                                    ir=kernel.operation.get_asm(print_generic_op_form=True),
-                                )
-                            )
-                        visit(child)
-
-        visit(module.operation)
-    return calls
 
 
 def pallas_tiles(case: Case, blocks=None) -> dict:
@@ -306,8 +170,6 @@ def pallas_tiles(case: Case, blocks=None) -> dict:
 
 def pallas_kernels(case: Case, block_sizes=None) -> list[KernelStats]:
     """Compiles the forward and backward Pallas kernels of a case for sm_90 (default tiles if None)."""
-    from triton._C.libtriton import ir as triton_ir
-
     op = functools.partial(pallas_triton.get_op("cuda", block_sizes), config=case.config)
 
     def forward_and_vjp(x, channel_filter, spatial_filter, grad_out):
@@ -318,19 +180,7 @@ def pallas_kernels(case: Case, block_sizes=None) -> list[KernelStats]:
     results = []
     for call in triton_calls(export_for_cuda(forward_and_vjp, *case.specs())):
         start = time.perf_counter()
-        context = triton_ir.context()
-        triton_ir.load_dialects(context)
-        _backend().load_dialects(context)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "kernel.mlir")
-            pathlib.Path(path).write_text(call["ir"])
-            module = triton_ir.parse_mlir_module(path, context)
-        module.context = context
-        options = _backend().parse_options(
-            {"num_warps": call["num_warps"], "num_stages": call["num_stages"], "num_ctas": 1}
-        )
-        metadata = {}
-        ptx, cubin = _compile_ttir(module, options, metadata)
+        ptx, cubin, metadata = compile_triton_ir(call["ir"], call["num_warps"], call["num_stages"])
         launch = (*tiles[call["name"]], call["num_warps"], call["num_stages"])
         seconds = time.perf_counter() - start
         results.append(_stats("pallas_triton", case, call["name"], launch, ptx, cubin, metadata, seconds))
@@ -340,55 +190,6 @@ def pallas_kernels(case: Case, block_sizes=None) -> list[KernelStats]:
 # --------------------------------------------------------------------------
 # jax-triton: triton.compile of the kernels as jax-triton 0.3.1 calls it.
 # --------------------------------------------------------------------------
-
-_POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
-
-
-def compile_triton_kernel(kernel, arg_dtypes, constexprs, num_warps, num_stages):
-    """(PTX, cubin, metadata) of a `@triton.jit` kernel compiled as jax-triton 0.3.1 compiles it.
-
-    Every array argument is a pointer specialised as 16-byte aligned (jax-triton
-    assumes aligned buffers); every keyword is a constexpr; options are
-    jax-triton's (num_ctas 1, optimize_epilogue off, fp fusion on).
-    """
-    from triton._C import libtriton
-    from triton.compiler import ASTSource
-    from triton.compiler.code_generator import ast_to_ttir
-
-    backend = _backend()
-    signature = {kernel.arg_names[i]: _POINTER[str(jnp.dtype(d))] for i, d in enumerate(arg_dtypes)}
-    attrs = {}
-    for i, pointer in enumerate(signature.values()):
-        aligned = types.SimpleNamespace(data_ptr=lambda: 16, dtype=pointer.removeprefix("*"))
-        _, attribute = libtriton.native_specialize_impl(backend, aligned, False, True, True)
-        attrs[(i,)] = backend.parse_attr(attribute)
-    signature.update({name: "constexpr" for name in constexprs})
-    options = backend.parse_options(
-        {
-            "num_warps": num_warps,
-            "num_stages": num_stages,
-            "num_ctas": 1,
-            "optimize_epilogue": False,
-            "debug": False,
-            "enable_fp_fusion": True,
-        }
-    )
-    context = libtriton.ir.context()
-    libtriton.ir.load_dialects(context)
-    backend.load_dialects(context)
-    source = ASTSource(kernel, constexprs=dict(constexprs), signature=signature, attrs=attrs)
-    module = ast_to_ttir(
-        kernel,
-        source,
-        context=context,
-        options=options,
-        codegen_fns=backend.get_codegen_implementation(options),
-        module_map=backend.get_module_map(),
-    )
-    metadata = {}
-    ptx, cubin = _compile_ttir(module, options, metadata)
-    return ptx, cubin, metadata
-
 
 def jax_triton_kernels(case: Case, block_sizes=None) -> list[KernelStats]:
     """Compiles the forward and backward Triton kernels of a case for sm_90 (default tiles if None)."""
@@ -412,7 +213,7 @@ def compile_case(implementation: str, case: Case, block_sizes=None) -> list[Kern
     """Every kernel of one implementation at one case, compiled for sm_90 (default tiles if None)."""
     compile_kernels = {"pallas_triton": pallas_kernels, "jax_triton": jax_triton_kernels}.get(implementation)
     if compile_kernels is None:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        raise ValueError(f"implementation must be one of {GPU_IMPLEMENTATIONS}, got {implementation!r}")
     with jax.enable_x64(case.dtype == "float64"):
         return compile_kernels(case, block_sizes)
 
@@ -503,15 +304,15 @@ def main(argv=None) -> int:
         "memory and load widths per kernel, and the bytes the op moves.",
     )
     parser.add_argument("--cases", default="all", help=f"comma-separated, or all: {', '.join(CASES)}")
-    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS), help="comma-separated")
+    parser.add_argument("--implementations", default=",".join(GPU_IMPLEMENTATIONS), help="comma-separated")
     parser.add_argument("--json", default=None, help="also write the kernel rows to this JSON file")
     args = parser.parse_args(argv)
     names = list(CASES) if args.cases == "all" else [name.strip() for name in args.cases.split(",")]
     implementations = [name.strip() for name in args.implementations.split(",")]
     unknown = [name for name in names if name not in CASES]
-    unknown += [name for name in implementations if name not in IMPLEMENTATIONS]
+    unknown += [name for name in implementations if name not in GPU_IMPLEMENTATIONS]
     if unknown:
-        parser.error(f"unknown {unknown}; cases: {list(CASES)}, implementations: {list(IMPLEMENTATIONS)}")
+        parser.error(f"unknown {unknown}; cases: {list(CASES)}, implementations: {list(GPU_IMPLEMENTATIONS)}")
     stats, failures = [], []
     start = time.perf_counter()
     for name in names:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 
 import chex
@@ -16,7 +15,7 @@ from flax import nnx
 
 from ddf_jax import models as ddf_models
 
-from experiments.classification import input_pipeline, train
+from experiments.classification import report, train
 from experiments.classification.configs import default as default_config
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import run_dir as run_dir_lib
@@ -44,6 +43,11 @@ def tiny_config(**overrides):
     return config
 
 
+def run_dir_of(workdir, model="resnet20_cifar", seed=0):
+    """The run directory of `model` and `seed` in a command's workdir (no sweep)."""
+    return os.path.join(workdir, model, f"seed_{seed}")
+
+
 def final_state(run_dir):
     """The newest checkpoint's array tree of a run, as numpy."""
     ckpt = checkpoint_lib.Checkpointer(os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR))
@@ -68,42 +72,50 @@ def finished_workdir(tmp_path_factory):
         models=("ddf_mul_resnet20_cifar", "resnet20_cifar"),
         model_overrides={"layers": (1,), "widths": (8,), "stem_width": 8},
     )
-    rows = train.train_and_evaluate(config, workdir)
-    return workdir, config, rows
+    results = train.train_and_evaluate(config, workdir)
+    return workdir, config, results
 
 
 def test_train_and_evaluate_one_step(finished_workdir):
-    workdir, config, rows = finished_workdir
+    workdir, config, results = finished_workdir
+    rows = results["runs"]
     assert [r["model"] for r in rows] == list(config.models)
-    with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    with open(os.path.join(workdir, report.RESULTS_FILE)) as f:
         stored = json.load(f)
-    assert stored == rows
+    assert stored == json.loads(json.dumps(results))
     for row in rows:
-        assert {"model", "params", "macs", "top1", "train_seconds"} <= set(row)
-        assert row["params"] > 0 and row["macs"] > 0
-        assert 0.0 <= row["top1"] <= 1.0 and row["train_seconds"] > 0
+        assert {"model", "seed", "learning_rate", "params", "macs", "validation", "test",
+                "train_seconds"} <= set(row)
+        assert row["params"] > 0 and row["macs"] > 0 and row["train_seconds"] > 0
+        assert (row["seed"], row["learning_rate"]) == (0, config.learning_rate)
         assert row["steps"] == 1 and row["finished"]
-        run_dir = os.path.join(workdir, row["model"])
-        evals = read_metrics(run_dir, split="eval")
-        assert len(evals) == 1 and evals[0]["count"] == 360  # The whole digits test split.
+        assert row["validation"]["count"] == 288 and row["test"]["count"] == 360  # Whole splits.
+        assert 0.0 <= row["validation"]["top1"] <= 1.0 and 0.0 <= row["test"]["top1"] <= 1.0
+        run_dir = run_dir_of(workdir, row["model"])
+        evals = read_metrics(run_dir, split="eval")  # Evaluation during training: validation.
+        assert len(evals) == 1 and evals[0]["count"] == 288
+        assert evals[0]["top1"] == row["validation"]["top1"]
         assert np.isfinite(read_metrics(run_dir, split="train")[0]["loss"])
         assert os.path.exists(os.path.join(run_dir, run_dir_lib.RESULT_FILE))
         assert os.listdir(os.path.join(run_dir, "tensorboard"))
     ddf, conv = rows
     assert ddf["params"] != conv["params"]  # Really two different models.
-    assert os.path.getsize(os.path.join(workdir, train.CURVES_FILE)) > 1000
+    assert [m["model"] for m in results["models"]] == list(config.models)
+    assert results["selection"]["chosen"] == {m: config.learning_rate for m in config.models}
+    assert os.path.getsize(os.path.join(workdir, report.CURVES_FILE)) > 1000
 
 
 def test_finished_run_is_reported_not_retrained(finished_workdir, monkeypatch):
-    workdir, config, rows = finished_workdir
+    workdir, config, results = finished_workdir
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished run must not be trained again")
 
     monkeypatch.setattr(loop_lib, "train_loop", fail)
-    # Run-control keys may differ; the stored result comes back.
+    # Run-control keys may differ; the stored result comes back (the test split of the
+    # final checkpoint, evaluated again, gives the same numbers).
     again = train.train_and_evaluate(tiny_config(**{**config, "log_every_steps": 5}), workdir)
-    assert again == rows
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))
     # A different config for a finished run is refused.
     with pytest.raises(errors.RunFinishedError, match="num_train_steps"):
         train.train_and_evaluate(tiny_config(**{**config, "num_train_steps": 2}), workdir)
@@ -138,19 +150,20 @@ def test_resume_is_exact(tmp_path):
     train.train_and_evaluate(config, straight)
 
     resumed = str(tmp_path / "resumed")
-    rows = train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), resumed)
+    rows = train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), resumed)["runs"]
     assert rows[0]["steps"] == 2 and not rows[0]["finished"]
-    run_dir = os.path.join(resumed, "resnet20_cifar")
+    assert rows[0]["test"] is None  # Unfinished: nothing chosen, the test split not read.
+    run_dir = run_dir_of(resumed)
     assert run_dir_lib.read_result(run_dir) is None  # Not finished yet.
-    rows = train.train_and_evaluate(config, resumed)
+    rows = train.train_and_evaluate(config, resumed)["runs"]
     assert rows[0]["steps"] == 4 and rows[0]["finished"]
 
-    step_a, state_a = final_state(os.path.join(straight, "resnet20_cifar"))
+    step_a, state_a = final_state(run_dir_of(straight))
     step_b, state_b = final_state(run_dir)
     assert step_a == step_b == 4
     # Parameters, BatchNorm statistics, momentum, step and RNG: bit-identical.
     chex.assert_trees_all_equal(state_a, state_b)
-    losses_a = train_losses(os.path.join(straight, "resnet20_cifar"))
+    losses_a = train_losses(run_dir_of(straight))
     losses_b = train_losses(run_dir)
     assert sorted(losses_b) == [1, 2, 3, 4]  # No duplicated or lost log records.
     np.testing.assert_array_equal([losses_a[s] for s in range(1, 5)], [losses_b[s] for s in range(1, 5)])
@@ -162,7 +175,7 @@ def test_data_parallel_matches_single_device(tmp_path):
     for n in (1, 4):
         config = tiny_config(num_train_steps=3, num_devices=n)
         train.train_and_evaluate(config, str(tmp_path / f"dev{n}"))
-        run_dir = str(tmp_path / f"dev{n}" / "resnet20_cifar")
+        run_dir = run_dir_of(str(tmp_path / f"dev{n}"))
         runs[n] = (train_losses(run_dir), read_metrics(run_dir, split="eval")[-1], final_state(run_dir)[1])
     (loss1, eval1, state1), (loss4, eval4, state4) = runs[1], runs[4]
     assert sorted(loss1) == sorted(loss4) == [1, 2, 3]
@@ -283,166 +296,6 @@ def test_metrics_writer_drops_records_after_resume_step(tmp_path):
         MetricsWriter(str(tmp_path), tensorboard=False).write(1, {"x": np.ones(2)})
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _write_image(path, size, color):
-    from PIL import Image
-
-    rng = np.random.default_rng(abs(hash(path)) % 2**32)
-    pixels = np.clip(rng.normal(color, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    """train/{cat,dog}/ and val/{cat,dog}/ with JPEG and PNG files of assorted sizes."""
-    colors = {"cat": 40, "dog": 210}
-    sizes = [(37, 29), (20, 44), (64, 48)]
-    for split, count in (("train", 3), ("val", 2)):
-        for name, color in colors.items():
-            os.makedirs(tmp_path / split / name)
-            for i in range(count):
-                ext = ".JPEG" if i % 2 == 0 else ".png"
-                _write_image(str(tmp_path / split / name / f"{i}{ext}"), sizes[i], color)
-    (tmp_path / "train" / "cat" / "readme.txt").write_text("not an image")
-    return tmp_path
-
-
-def test_image_folder_loader(image_folder):
-    dataset = input_pipeline.load_image_folder(str(image_folder), image_size=16)
-    info = dataset.info
-    assert info.class_names == ("cat", "dog") and info.num_classes == 2
-    assert (info.num_train, info.num_eval) == (6, 4)
-    loader = input_pipeline.train_loader(dataset, batch_size=4, seed=3)
-    iterator = iter(loader)
-    first = next(iterator)
-    assert first["image"].shape == (4, 16, 16, 3) and first["image"].dtype == np.uint8
-    # Colour identifies the class: dark = cat (0), bright = dog (1).
-    brightness = first["image"].reshape(4, -1).mean(1)
-    np.testing.assert_array_equal(first["label"], (brightness > 125).astype(np.int32))
-    state = iterator.get_state()
-    second = next(iterator)
-    again = iter(loader)
-    again.set_state(state)  # Resume at the same data position.
-    np.testing.assert_array_equal(next(again)["image"], second["image"])
-    # Same seed, same stream; another seed, another order or crop.
-    np.testing.assert_array_equal(next(iter(loader))["image"], first["image"])
-    other = next(iter(input_pipeline.train_loader(dataset, batch_size=4, seed=4)))
-    assert not np.array_equal(other["image"], first["image"])
-
-    batches = list(input_pipeline.eval_batches(dataset, batch_size=3))
-    assert len(batches) == 2
-    np.testing.assert_array_equal(np.concatenate([b["mask"] for b in batches]), [1, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(batches[0]["label"], [0, 0, 1])
-    assert batches[0]["image"].shape == (3, 16, 16, 3)
-
-
-def test_resize_center_crop_geometry():
-    from PIL import Image
-
-    array = np.zeros((40, 80, 3), np.uint8)
-    array[:, 35:45] = 255  # A bright vertical bar in the middle.
-    out = input_pipeline.ResizeCenterCrop(14, 0.875).map({"image": Image.fromarray(array), "label": 0})
-    assert out["image"].shape == (14, 14, 3)
-    # Short side 40 -> 16, so the 80-wide image becomes 32 wide; the bar (scaled to 4
-    # px) stays centred, and the crop drops 1 px top and bottom.
-    column_means = out["image"][..., 0].mean(0)
-    assert column_means[5:9].min() > 200 and column_means[:3].max() < 30 and column_means[-3:].max() < 30
-
-
-def _cifar_batch(rng, n):
-    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, 10, size=n)]
-    return {b"batch_label": b"x", b"labels": labels, b"data": data, b"filenames": [b"f"] * n}
-
-
-@pytest.fixture
-def cifar_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    batches = {}
-    for name in input_pipeline.CIFAR10_TRAIN_FILES + (input_pipeline.CIFAR10_TEST_FILE,):
-        batches[name] = _cifar_batch(rng, 6)
-        with open(root / name, "wb") as f:
-            pickle.dump(batches[name], f)
-    return tmp_path, batches
-
-
-def test_cifar10_loader(cifar_dir):
-    parent, batches = cifar_dir
-    dataset = input_pipeline.load_cifar10(str(parent))  # The parent directory also works.
-    assert (dataset.info.num_train, dataset.info.num_eval, dataset.info.in_chans) == (30, 6, 3)
-    record = dataset.eval_source[4]
-    raw = batches["test_batch"][b"data"][4]
-    # Row-major 1024 red, then green, then blue values per image.
-    np.testing.assert_array_equal(record["image"][2, 7], raw[[2 * 32 + 7, 1024 + 2 * 32 + 7, 2048 + 2 * 32 + 7]])
-    assert record["label"] == batches["test_batch"][b"labels"][4]
-    train_labels = np.concatenate([batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)])
-    np.testing.assert_array_equal(dataset.train_source.labels, train_labels)
-    batch = next(iter(input_pipeline.train_loader(dataset, batch_size=5, seed=0)))
-    assert batch["image"].shape == (5, 32, 32, 3) and batch["image"].dtype == np.uint8
-
-
-def test_digits_split_is_fixed():
-    a = input_pipeline.load_digits(16)
-    b = input_pipeline.load_digits(16)
-    assert (a.info.num_train, a.info.num_eval) == (1437, 360)
-    np.testing.assert_array_equal(a.eval_source.labels, b.eval_source.labels)
-    np.testing.assert_array_equal(a.eval_source.images, b.eval_source.images)
-    assert a.train_source.images.shape == (1437, 16, 16, 1)
-    assert np.bincount(a.eval_source.labels).min() >= 35  # Stratified.
-
-
-def test_missing_or_malformed_data_raise_clear_errors(tmp_path, cifar_dir, image_folder):
-    missing = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="nope"):
-        input_pipeline.load_cifar10(missing)
-    with pytest.raises(FileNotFoundError, match="nope"):
-        input_pipeline.load_image_folder(missing)
-    with pytest.raises(ValueError, match="data_dir"):
-        input_pipeline.load_cifar10("")
-
-    parent, _ = cifar_dir
-    root = parent / "cifar-10-batches-py"
-    os.remove(root / "data_batch_3")
-    with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        input_pipeline.load_cifar10(str(root))
-    (root / "data_batch_3").write_bytes(b"not a pickle at all")
-    with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10"):
-        input_pipeline.load_cifar10(str(root))
-    with open(root / "data_batch_3", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
-    with pytest.raises(ValueError, match=r"data_batch_3.*\(N, 3072\)"):
-        input_pipeline.load_cifar10(str(root))
-    with open(root / "data_batch_3", "wb") as f:
-        pickle.dump(os.getcwd, f)  # Code, not data: must not be loaded.
-    with pytest.raises(ValueError, match="refusing"):
-        input_pipeline.load_cifar10(str(root))
-
-    os.makedirs(image_folder / "val" / "bird")
-    with pytest.raises(ValueError, match="bird"):
-        input_pipeline.load_image_folder(str(image_folder))
-    os.rmdir(image_folder / "val" / "bird")
-    os.makedirs(image_folder / "train" / "empty_class")
-    with pytest.raises(ValueError, match="empty_class"):
-        input_pipeline.load_image_folder(str(image_folder))
-    os.rmdir(image_folder / "train" / "empty_class")
-    (image_folder / "train" / "dog" / "9.JPEG").write_bytes(b"garbage")
-    dataset = input_pipeline.load_image_folder(str(image_folder), check_images=False)
-    broken = dataset.train_source.files.index(str(image_folder / "train" / "dog" / "9.JPEG"))
-    with pytest.raises(ValueError, match="9.JPEG"):
-        dataset.train_source[broken]
-    empty_root = tmp_path / "flat"
-    (empty_root / "train").mkdir(parents=True)
-    with pytest.raises(ValueError, match="no class sub-directories"):
-        input_pipeline.load_image_folder(str(empty_root))
-
-    with pytest.raises(ValueError, match="dataset must be one of"):
-        input_pipeline.get_dataset(tiny_config(dataset="mnist"))
-
-
 # ----------------------------------------------------------------------------- command line and configs
 
 
@@ -467,8 +320,8 @@ def test_command_line(tmp_path, capsys, monkeypatch):
         assert main.FLAGS.config.num_train_steps == 1
         main.main(["main"])
         first = capsys.readouterr().out
-        with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
-            rows = json.load(f)
+        with open(os.path.join(workdir, report.RESULTS_FILE)) as f:
+            rows = json.load(f)["runs"]
         assert rows[0]["model"] == "resnet20_cifar" and rows[0]["steps"] == 1
         assert "resnet20_cifar" in first and "top-1" in first
         main.main(["main"])  # Finished: reported, not retrained.
@@ -477,7 +330,7 @@ def test_command_line(tmp_path, capsys, monkeypatch):
         main.FLAGS.unparse_flags()
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet_ddf_mul_resnet50"])
+@pytest.mark.parametrize("name", ["default", "mnist", "cifar10", "imagenet_ddf_mul_resnet50"])
 def test_configs_document_how_to_run(name):
     import importlib
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 import ddf_jax
 from ddf_jax import models as ddf_models
-from experiments.classification import input_pipeline as classification_data
+from experiments.classification import datasets as classification_data
 from experiments.classification import train as classification
 from experiments.common import errors
 from experiments.joint_upsampling import evaluate as joint_evaluate

@@ -44,6 +44,7 @@ def get_config():
     c.progress_bar = False
     return c
 """
+CLASSIFICATION_RUN = os.path.join("resnet20_cifar", "seed_0")  # The run directory in the workdir.
 
 
 def free_port() -> int:
@@ -185,20 +186,22 @@ def test_classification_two_processes_equal_one_process_and_resume_exactly(tmp_p
                             log_dir=str(tmp_path / "logs_two")))
     assert_succeeded(launch([experiment_command("classification", one, config_file)], devices=2,
                             log_dir=str(tmp_path / "logs_one")))
-    rows_two, rows_one = (json.loads(open(os.path.join(d, "results.json")).read()) for d in (two, one))
+    rows_two, rows_one = (json.loads(open(os.path.join(d, "results.json")).read())["runs"]
+                          for d in (two, one))
     assert rows_two[0]["steps"] == 6 and rows_two[0]["finished"]
+    assert rows_two[0]["test"]["count"] == 360  # The test split, once, after the selection.
     assert without_seconds(rows_two) == without_seconds(rows_one)  # top-1, top-5: identical
-    step_two, state_two = stored_state(os.path.join(two, "resnet20_cifar"))
-    step_one, state_one = stored_state(os.path.join(one, "resnet20_cifar"))
+    step_two, state_two = stored_state(os.path.join(two, CLASSIFICATION_RUN))
+    step_one, state_one = stored_state(os.path.join(one, CLASSIFICATION_RUN))
     assert step_two == step_one == 6
     # Parameters, BatchNorm statistics, momentum, step, key: bit for bit.
     chex.assert_trees_all_equal(state_two, state_one)
-    assert records(os.path.join(two, "resnet20_cifar")) == records(os.path.join(one, "resnet20_cifar"))
+    assert records(os.path.join(two, CLASSIFICATION_RUN)) == records(os.path.join(one, CLASSIFICATION_RUN))
     # Process 0 alone wrote the outputs: one set of files, no duplicates.
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
 
     # Both processes killed (SIGKILL) once checkpoint 2 is sealed, then restarted.
-    run_dir = os.path.join(killed, "resnet20_cifar")
+    run_dir = os.path.join(killed, CLASSIFICATION_RUN)
     checkpoints = os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR)
 
     def committed_step_2():
@@ -211,10 +214,10 @@ def test_classification_two_processes_equal_one_process_and_resume_exactly(tmp_p
     assert steps and steps[-1] < 6
     assert_succeeded(launch(two_process_commands("classification", killed, config_file),
                             log_dir=str(tmp_path / "logs_restarted")))
-    resumed_rows = json.loads(open(os.path.join(killed, "results.json")).read())
+    resumed_rows = json.loads(open(os.path.join(killed, "results.json")).read())["runs"]
     assert without_seconds(resumed_rows) == without_seconds(rows_two)
     chex.assert_trees_all_equal(stored_state(run_dir)[1], state_two)
-    assert records(run_dir) == records(os.path.join(two, "resnet20_cifar"))
+    assert records(run_dir) == records(os.path.join(two, CLASSIFICATION_RUN))
 
 
 # ----------------------------------------------------------------------------- joint upsampling

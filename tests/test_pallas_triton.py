@@ -19,7 +19,7 @@ import pytest
 
 from ddf_jax.kernels import DDFConfig, ImplementationUnavailable, pallas_triton
 from ddf_jax.kernels.common import LaunchConfig
-from experiments.kernel_report import TRITON_TARGET, cuda_export_error, export_for_cuda
+from experiments.sm90_compile import TRITON_TARGET, cuda_export_error, export_for_cuda
 from tests.op_properties import Case, OpProperties, vjp_function
 
 # Small tiles, so that every kernel runs several pixel tiles and several

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 
 import chex
 import jax
@@ -17,13 +18,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.classification import input_pipeline, train
+from experiments.classification import datasets, input_pipeline, sources, train
 from experiments.common import checkpoint as checkpoint_lib
 from experiments.common import errors, integrity, optim, sharding
 from experiments.common import run_dir as run_dir_lib
 from experiments.common.metrics import MetricsWriter, read_metrics
 from experiments.common.train_state import Trainer
-from tests.test_classification import _write_image, final_state, tiny_config
+from tests.test_classification import final_state, run_dir_of, tiny_config
+from tests.test_classification_data import _write_image
 
 MODEL = "resnet20_cifar"
 TIMING_FIELDS = ("time", "steps_per_second", "examples_per_second")
@@ -44,15 +46,15 @@ def straight(tmp_path_factory):
     """The uninterrupted run: its run directory, final state and log."""
     workdir = str(tmp_path_factory.mktemp("straight"))
     train.train_and_evaluate(resume_config(), workdir)
-    run_dir = os.path.join(workdir, MODEL)
+    run_dir = run_dir_of(workdir, MODEL)
     return run_dir, final_state(run_dir), records(run_dir)
 
 
 def interrupted(workdir, stop_after_steps=4):
     """A run stopped (as if pre-empted) after `stop_after_steps` steps, with checkpoints."""
-    rows = train.train_and_evaluate(resume_config(stop_after_steps=stop_after_steps), workdir)
+    rows = train.train_and_evaluate(resume_config(stop_after_steps=stop_after_steps), workdir)["runs"]
     assert rows[0]["steps"] == stop_after_steps and not rows[0]["finished"]
-    return os.path.join(workdir, MODEL)
+    return run_dir_of(workdir, MODEL)
 
 
 # ----------------------------------------------------------------------------- exact logs
@@ -98,7 +100,7 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_exactly(straight, tmp
     for path in _data_files(os.path.join(checkpoints, "4", "state")):
         _invert_bytes(path)
     with caplog.at_level(logging.WARNING):
-        rows = train.train_and_evaluate(resume_config(), str(tmp_path))
+        rows = train.train_and_evaluate(resume_config(), str(tmp_path))["runs"]
     warning = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert warning and os.path.join(checkpoints, "4") in warning[0] and "checksum" in warning[0]
     assert os.path.isdir(os.path.join(checkpoints, checkpoint_lib.DAMAGED_DIR, "4"))
@@ -110,9 +112,9 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_exactly(straight, tmp
 
 def _loader_and_tree():
     images = np.arange(12 * 2 * 2, dtype=np.uint8).reshape(12, 2, 2, 1)
-    dataset = input_pipeline.Dataset(
-        info=None, train_source=input_pipeline.ArraySource(images, np.arange(12)),
-        eval_source=None, train_transform=None, eval_transform=None,
+    dataset = datasets.Dataset(
+        info=None, train_source=sources.ArraySource(images, np.arange(12)),
+        validation_source=None, test_source=None,
     )
     loader = input_pipeline.train_loader(dataset, batch_size=3, seed=1)
     return loader, lambda step: {"w": jnp.full((3,), float(step)), "step": jnp.int32(step)}
@@ -238,26 +240,28 @@ def test_bad_images_are_all_named_before_training(tmp_path):
 def test_failed_evaluation_keeps_the_checkpoint_and_is_rerun(tmp_path):
     """12.2: the epoch's checkpoint is written before evaluating, and the rerun evaluates."""
     data = make_image_folder(tmp_path / "data")
-    bad = data / "val" / "dog" / "1.png"
+    # A file of the validation split (carved out of train/), read after every epoch.
+    held_out = datasets.load_image_folder(str(data), 8, check_images=False).validation_source.files
+    bad = pathlib.Path(held_out[-1])
     saved = bad.read_bytes()
     bad.write_bytes(b"not an image")
     config = folder_config(data, num_epochs=2, num_train_steps=-1, check_images=False,
                            warmup_epochs=0.0)
     workdir = str(tmp_path / "run")
-    with pytest.raises(Exception, match="1.png"):
-        train.train_and_evaluate(config, workdir)  # Evaluation after epoch 1 (step 3) fails.
-    run_dir = os.path.join(workdir, MODEL)
+    with pytest.raises(Exception, match=os.path.basename(held_out[-1])):
+        train.train_and_evaluate(config, workdir)  # Evaluation after epoch 1 (step 2) fails.
+    run_dir = run_dir_of(workdir, MODEL)
     checkpoints = os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR)
-    assert [n for n in os.listdir(checkpoints) if n.isdigit()] == ["3"]
+    assert [n for n in os.listdir(checkpoints) if n.isdigit()] == ["2"]
     bad.write_bytes(saved)
-    rows = train.train_and_evaluate(config, workdir)
-    assert rows[0]["finished"] and rows[0]["steps"] == 6
-    assert [r["step"] for r in read_metrics(run_dir, split="eval")] == [3, 6]
+    rows = train.train_and_evaluate(config, workdir)["runs"]
+    assert rows[0]["finished"] and rows[0]["steps"] == 4
+    assert [r["step"] for r in read_metrics(run_dir, split="eval")] == [2, 4]
 
 
 def test_changed_training_data_is_named_and_can_be_accepted(tmp_path, caplog):
     """12.3: deleting a bad training image, then resuming, gave grain's sampler error."""
-    data = make_image_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data", train_count=5)  # 8 train, 2 validation.
     config = folder_config(data, num_train_steps=4, checkpoint_every_steps=2)
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(**{**config, "stop_after_steps": 2}), workdir)
@@ -265,10 +269,11 @@ def test_changed_training_data_is_named_and_can_be_accepted(tmp_path, caplog):
     with pytest.raises(errors.DataChangedError) as info:
         train.train_and_evaluate(config, workdir)
     message = str(info.value)
-    assert "6 examples then, 5 now" in message and "allow_data_change=True" in message
-    assert os.path.join(workdir, MODEL, checkpoint_lib.CHECKPOINT_DIR) in message
+    assert "8 examples then, 7 now" in message and "allow_data_change=True" in message
+    assert os.path.join(run_dir_of(workdir, MODEL), checkpoint_lib.CHECKPOINT_DIR) in message
     with caplog.at_level(logging.WARNING):
-        rows = train.train_and_evaluate(tiny_config(**{**config, "allow_data_change": True}), workdir)
+        rows = train.train_and_evaluate(tiny_config(**{**config, "allow_data_change": True}),
+                                        workdir)["runs"]
     assert rows[0]["finished"] and rows[0]["steps"] == 4
     assert any("no longer bit-exact" in r.getMessage() for r in caplog.records)
 

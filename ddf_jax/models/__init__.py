@@ -19,7 +19,8 @@ Example:
 
 from ddf_jax.models.checkpoint import load_official_checkpoint, official_state_dict
 from ddf_jax.models.registry import create_model, is_model, list_models, register_model
-from ddf_jax.models.resnet import BasicBlock, Bottleneck, Downsample, ResNet
+from ddf_jax.models.blocks import BasicBlock, Bottleneck, Downsample
+from ddf_jax.models.resnet import ResNet
 
 __all__ = [
     "BasicBlock",

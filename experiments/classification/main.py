@@ -4,7 +4,9 @@
         [--overwrite]
 
 `--config` defaults to `configs/default.py` (digits on CPU). Any config field can be
-overridden, e.g. `--config.num_epochs=3 --config.batch_size=32`. `--overwrite`
+overridden, e.g. `--config.num_epochs=3 --config.batch_size=32`; several seeds in one
+command: `--config.seeds="(0,1,2)"`; a learning-rate sweep, selected on the
+validation split: `--config.sweep_learning_rates="(0.1,0.2)"`. `--overwrite`
 retrains runs that already finished in DIR (by default they are reported, not
 retrained). Several hosts: `--config.distributed=True` and the flags in
 `experiments.common.cli` (see the README).

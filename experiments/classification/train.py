@@ -1,19 +1,29 @@
 """Image classification training and evaluation (DDF-ResNets and their conv twins).
 
-`train_and_evaluate(config, workdir)` trains every model in `config.models` in turn,
-each in its own run directory `workdir/<model>/` (checkpoints, `metrics.jsonl`,
-TensorBoard events, `config.json`, and `result.json` once finished), then writes
-`workdir/results.json` (one row per model), `workdir/curves.png` and prints a table.
+`train_and_evaluate(config, workdir)` trains every model in `config.models` for
+every seed in `config.seeds` (and, with `config.sweep_learning_rates`, at every
+learning rate of the sweep), each run in its own directory
+`workdir/<model>/seed_<s>/` (in a sweep `workdir/<model>/lr_<lr>/seed_<s>/`) with
+checkpoints, `metrics.jsonl`, TensorBoard events, `config.json`, and `result.json`
+once finished. Then:
 
-Per model: data-parallel SGD over every device (or `config.num_devices`), one jitted
-step (see `experiments.common.Trainer`), evaluation every `eval_every_epochs`
-epochs (top-1, top-5, loss), checkpoints that resume exactly, and finished-run
-protection (`experiments.common.checkpoint.prepare_run_dir`).
+1. selection, on the validation split only: per model, the learning rate with the
+   best mean validation top-1 over the seeds (`report.select_learning_rates`);
+2. the test split, evaluated once per chosen run, from its final checkpoint
+   (`evaluate_test`); the runs that were not chosen are never evaluated on it;
+3. `workdir/results.json` (the split, the selection, per-seed rows and mean +- std
+   per model), `workdir/curves.png` (a band over the seeds per model) and a printed
+   table (`report.py`).
+
+Per run: data-parallel SGD over every device (or `config.num_devices`), one jitted
+step (see `experiments.common.Trainer`), evaluation on the validation split every
+`eval_every_epochs` epochs (top-1, top-5, loss), checkpoints that resume exactly, and
+finished-run protection (`experiments.common.run_dir.prepare_run_dir`).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -27,13 +37,14 @@ from flax import nnx
 
 import ddf_jax
 from ddf_jax import models as model_zoo
-from experiments.classification import input_pipeline
+from experiments.classification import datasets, input_pipeline, report
+from experiments.classification.configs import DTYPES, check_config
+from experiments.classification.transforms import normalize
 from experiments.common import checkpoint as checkpoint_lib
-from experiments.common import run_dir as run_dir_lib
 from experiments.common import loop as loop_lib
-from experiments.common import config_checks as checks
-from experiments.common import optim, plotting, sharding
-from experiments.common.errors import ConfigError
+from experiments.common import optim, sharding
+from experiments.common import run_dir as run_dir_lib
+from experiments.common.errors import CheckpointDamagedError, ConfigError
 from experiments.common.metrics import MetricsWriter
 from experiments.common.train_state import Trainer
 
@@ -58,12 +69,12 @@ RUN_CONTROL_KEYS = (
     "allow_data_change",
     "check_images",
 )
-RESULTS_FILE = "results.json"
-CURVES_FILE = "curves.png"
-DTYPES = ("float32", "bfloat16", "float16")
+# Fields of the command's config that one run does not have: a run has one model,
+# one seed and one learning rate.
+COMMAND_KEYS = ("models", "seeds", "sweep_learning_rates")
 
 
-def create_model(config: ml_collections.ConfigDict, name: str, info: input_pipeline.DatasetInfo,
+def create_model(config: ml_collections.ConfigDict, name: str, info: datasets.DatasetInfo,
                  rngs: nnx.Rngs) -> nnx.Module:
     """Builds `name` from the `ddf_jax.models` zoo for the dataset's classes and channels.
 
@@ -79,7 +90,7 @@ def create_model(config: ml_collections.ConfigDict, name: str, info: input_pipel
     return model_zoo.create_model(name, num_classes=info.num_classes, rngs=rngs, **overrides)
 
 
-def make_loss_fn(info: input_pipeline.DatasetInfo, label_smoothing: float, dtype: str):
+def make_loss_fn(info: datasets.DatasetInfo, label_smoothing: float, dtype: str):
     """Cross-entropy with label smoothing; aux metric: batch top-1 accuracy.
 
     Returns:
@@ -92,7 +103,7 @@ def make_loss_fn(info: input_pipeline.DatasetInfo, label_smoothing: float, dtype
 
     def loss_fn(model, batch, rng):
         del rng  # No stochastic layers in these models; the key is there for those that have.
-        images = input_pipeline.normalize(batch["image"], info, compute_dtype)
+        images = normalize(batch["image"], info, compute_dtype)
         logits = model(images).astype(jnp.float32)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], info.num_classes), label_smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -102,13 +113,13 @@ def make_loss_fn(info: input_pipeline.DatasetInfo, label_smoothing: float, dtype
     return loss_fn
 
 
-def make_eval_fn(info: input_pipeline.DatasetInfo, dtype: str):
+def make_eval_fn(info: datasets.DatasetInfo, dtype: str):
     """Sums of loss, top-1 and top-5 hits over the real (mask == 1) examples of a batch."""
     compute_dtype = jnp.dtype(dtype)
     k = min(5, info.num_classes)
 
     def eval_fn(model, batch):
-        images = input_pipeline.normalize(batch["image"], info, compute_dtype)
+        images = normalize(batch["image"], info, compute_dtype)
         logits = model(images).astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -125,41 +136,44 @@ def make_eval_fn(info: input_pipeline.DatasetInfo, dtype: str):
     return eval_fn
 
 
-def _run_config(config: ml_collections.ConfigDict, model_name: str) -> dict[str, Any]:
-    """The config of one model's run, as stored in its `config.json`."""
-    run = config.to_dict()
-    run.pop("models", None)
-    run["model"] = model_name
-    return run
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: a model at one learning rate and one seed, in its own directory."""
+
+    model: str
+    learning_rate: float
+    seed: int
+    directory: str
 
 
-def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str,
-                dataset: input_pipeline.Dataset, mesh) -> dict[str, Any]:
-    """Trains and evaluates one model in `run_dir`; returns its result row.
+def plan_runs(config: ml_collections.ConfigDict, workdir: str) -> list[Run]:
+    """Every run of the command: models x learning rates x seeds, in that order.
 
-    If `run_dir` holds a finished run with the same config, its stored result is
-    returned without training (see `experiments.common.checkpoint.prepare_run_dir`).
-
-    Returns:
-        `{"model", "params", "macs", "top1", "top5", "train_seconds", "steps",
-        "finished"}`; top-1/top-5 are fractions; `finished` is False when the run
-        stopped early (`config.stop_after_steps`).
+    Without a sweep the learning rate is `config.learning_rate` and a run lives in
+    `workdir/<model>/seed_<s>`; with `config.sweep_learning_rates` in
+    `workdir/<model>/lr_<lr>/seed_<s>`.
     """
-    stored = run_dir_lib.prepare_run_dir(
-        run_dir,
-        _run_config(config, model_name),
-        overwrite=config.overwrite,
-        run_control_keys=RUN_CONTROL_KEYS,
-    )
-    if stored is not None:
-        logging.info("%s already finished in %s; reporting the stored result", model_name, run_dir)
-        if jax.process_index() == 0:
-            print(f"{model_name}: finished run found in {run_dir}; stored result reported "
-                  "(pass --overwrite to train again)", flush=True)
-        return stored
+    sweep = tuple(float(lr) for lr in config.sweep_learning_rates)
+    runs = []
+    for model in config.models:
+        for lr in sweep or (float(config.learning_rate),):
+            for seed in config.seeds:
+                parts = [workdir, model] + ([f"lr_{lr!r}"] if sweep else []) + [f"seed_{seed}"]
+                runs.append(Run(model, lr, int(seed), os.path.join(*parts)))
+    return runs
 
-    info = dataset.info
-    num_devices = mesh.devices.size
+
+def run_config(config: ml_collections.ConfigDict, run: Run) -> dict[str, Any]:
+    """The config of one run, as stored in its `config.json`."""
+    stored = config.to_dict()
+    for key in COMMAND_KEYS:
+        stored.pop(key, None)
+    stored.update(model=run.model, seed=run.seed, learning_rate=run.learning_rate)
+    return stored
+
+
+def _schedule_steps(config: ml_collections.ConfigDict, info: datasets.DatasetInfo) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warm-up steps) of a run."""
     steps_per_epoch = info.num_train // config.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -169,16 +183,17 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         math.ceil(config.num_epochs * steps_per_epoch)
     )
     warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), num_steps)
+    return steps_per_epoch, num_steps, warmup_steps
 
-    model = create_model(config, model_name, info, nnx.Rngs(config.seed))
-    params = ddf_jax.count_params(model)
-    macs = ddf_jax.count_macs(model, (1, info.image_size, info.image_size, info.in_chans))
-    schedule = optim.build_schedule(config.learning_rate, total_steps=num_steps, warmup_steps=warmup_steps)
+
+def build_trainer(config: ml_collections.ConfigDict, run: Run, info: datasets.DatasetInfo,
+                  mesh) -> tuple[Trainer, nnx.Module]:
+    """The run's freshly initialised `Trainer` and its model (for counting)."""
+    _, num_steps, warmup_steps = _schedule_steps(config, info)
+    model = create_model(config, run.model, info, nnx.Rngs(run.seed))
+    schedule = optim.build_schedule(run.learning_rate, total_steps=num_steps, warmup_steps=warmup_steps)
     tx = optim.build_optimizer(
-        schedule,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
+        schedule, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay,
     )
     trainer = Trainer(
         model,
@@ -186,62 +201,87 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
         loss_fn=make_loss_fn(info, config.label_smoothing, config.dtype),
         eval_fn=make_eval_fn(info, config.dtype),
         mesh=mesh,
-        seed=config.seed,
+        seed=run.seed,
         learning_rate_fn=schedule,
     )
-    del model  # The trainer owns the state now.
+    return trainer, model
 
-    loader = input_pipeline.train_loader(
-        dataset,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        worker_count=config.worker_count,
-        worker_buffer_size=config.worker_buffer_size,
+
+def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, dataset: datasets.Dataset,
+             split: str) -> dict[str, Any]:
+    """Mean loss, top-1 and top-5 of the trainer's model over `split` ("validation" / "test")."""
+    batches = input_pipeline.eval_batches(
+        dataset, split, batch_size=config.eval_batch_size, worker_count=config.worker_count,
         read_threads=config.read_threads,
     )
-    train_iter = iter(loader)
+    totals = loop_lib.sum_eval_metrics(trainer, batches, lambda b: sharding.shard_batch(b, trainer.mesh))
+    count = max(totals["count"], 1.0)
+    return {
+        "loss": totals["loss_sum"] / count,
+        "top1": totals["top1_sum"] / count,
+        "top5": totals["top5_sum"] / count,
+        "count": int(totals["count"]),
+    }
+
+
+def train_model(config: ml_collections.ConfigDict, run: Run, dataset: datasets.Dataset,
+                mesh) -> dict[str, Any]:
+    """Trains one run, evaluating on the validation split; returns its result row.
+
+    If the run directory holds a finished run with the same config, its stored row is
+    returned without training (see `experiments.common.run_dir.prepare_run_dir`).
+
+    Returns:
+        `{"model", "learning_rate", "seed", "params", "macs", "validation",
+        "train_seconds", "steps", "finished"}`; `validation` is the last evaluation
+        (`{"loss", "top1", "top5", "count"}`, fractions), at the final step once
+        `finished`; `finished` is False when the run stopped early
+        (`config.stop_after_steps`). The test split is not read here.
+    """
+    stored = run_dir_lib.prepare_run_dir(
+        run.directory, run_config(config, run), overwrite=config.overwrite,
+        run_control_keys=RUN_CONTROL_KEYS,
+    )
+    if stored is not None:
+        logging.info("%s already finished in %s; reporting the stored result", run.model, run.directory)
+        if jax.process_index() == 0:
+            print(f"{run.model} (seed {run.seed}, lr {run.learning_rate:g}): finished run found in "
+                  f"{run.directory}; stored result reported (pass --overwrite to train again)", flush=True)
+        return stored
+
+    info = dataset.info
+    steps_per_epoch, num_steps, _ = _schedule_steps(config, info)
+    trainer, model = build_trainer(config, run, info, mesh)
+    params = int(ddf_jax.count_params(model))
+    macs = int(ddf_jax.count_macs(model, (1, info.image_size, info.image_size, info.in_chans)))
+    del model  # The trainer owns the state now.
+    train_iter = iter(input_pipeline.train_loader(
+        dataset, batch_size=config.batch_size, seed=run.seed, worker_count=config.worker_count,
+        worker_buffer_size=config.worker_buffer_size, read_threads=config.read_threads,
+    ))
     checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(run_dir, checkpoint_lib.CHECKPOINT_DIR),
-        max_to_keep=config.keep_checkpoints,
-        async_save=config.async_checkpoints,
+        os.path.join(run.directory, checkpoint_lib.CHECKPOINT_DIR),
+        max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints,
     )
     start_step, meta = loop_lib.restore_or_initialize(
         trainer, checkpointer, train_iter, allow_data_change=config.allow_data_change
     )
-
-    def shard(batch):
-        return sharding.shard_batch(batch, mesh)
-
-    def evaluate(step: int) -> dict[str, float]:
-        batches = input_pipeline.eval_batches(
-            dataset, batch_size=config.eval_batch_size, worker_count=config.worker_count,
-            read_threads=config.read_threads,
-        )
-        totals = loop_lib.sum_eval_metrics(trainer, batches, shard)
-        count = max(totals["count"], 1.0)
-        return {
-            "loss": totals["loss_sum"] / count,
-            "top1": totals["top1_sum"] / count,
-            "top5": totals["top5_sum"] / count,
-            "count": int(totals["count"]),
-        }
-
     logging.info(
-        "%s: %d params, %d MACs, %d steps (%d per epoch), global batch %d on %d device(s), "
-        "start step %d", model_name, params, macs, num_steps, steps_per_epoch,
-        config.batch_size, num_devices, start_step,
+        "%s (seed %d, lr %g): %d params, %d MACs, %d steps (%d per epoch), global batch %d on %d "
+        "device(s), start step %d", run.model, run.seed, run.learning_rate, params, macs, num_steps,
+        steps_per_epoch, config.batch_size, mesh.devices.size, start_step,
     )
-    with MetricsWriter(run_dir, resume_step=start_step) as writer:
+    with MetricsWriter(run.directory, resume_step=start_step) as writer:
         result = loop_lib.train_loop(
             trainer,
             train_iter,
             num_steps=num_steps,
-            shard_fn=shard,
+            shard_fn=lambda batch: sharding.shard_batch(batch, mesh),
             start_step=start_step,
             resume_meta=meta,
             checkpointer=checkpointer,
             writer=writer,
-            evaluate=evaluate,
+            evaluate=lambda step: evaluate(config, trainer, dataset, "validation"),
             eval_every_steps=steps_per_epoch * config.eval_every_epochs,
             checkpoint_every_steps=config.checkpoint_every_steps or steps_per_epoch,
             log_every_steps=config.log_every_steps,
@@ -249,129 +289,91 @@ def train_model(config: ml_collections.ConfigDict, model_name: str, run_dir: str
             examples_per_step=config.batch_size,
             steps_per_epoch=steps_per_epoch,
             progress=config.progress_bar,
-            description=model_name,
+            description=f"{run.model} seed {run.seed}",
         )
     checkpointer.close()
 
     if result.finished and result.last_eval is None:
         # Resumed at the final step (e.g. killed after the last checkpoint): evaluate it.
-        result.last_eval = evaluate(result.step)
-    last_eval = result.last_eval or {}
+        result.last_eval = evaluate(config, trainer, dataset, "validation")
     row = {
-        "model": model_name,
-        "params": int(params),
-        "macs": int(macs),
-        "top1": last_eval.get("top1"),
-        "top5": last_eval.get("top5"),
+        "model": run.model,
+        "learning_rate": run.learning_rate,
+        "seed": run.seed,
+        "params": params,
+        "macs": macs,
+        "validation": result.last_eval,
         "train_seconds": round(result.train_seconds, 2),
         "steps": result.step,
         "finished": result.finished,
     }
     if result.finished:
-        run_dir_lib.mark_finished(run_dir, row)
+        run_dir_lib.mark_finished(run.directory, row)
     return row
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a fixed-width text table."""
-    header = f"{'model':<26} {'params':>10} {'MACs':>13} {'top-1':>7} {'top-5':>7} {'train s':>8}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        top1 = "-" if r.get("top1") is None else f"{100 * r['top1']:.2f}"
-        top5 = "-" if r.get("top5") is None else f"{100 * r['top5']:.2f}"
-        lines.append(
-            f"{r['model']:<26} {r['params']:>10,} {r['macs']:>13,} {top1:>7} {top5:>7} "
-            f"{r['train_seconds']:>8.1f}" + ("" if r.get("finished", True) else "  (unfinished)")
-        )
-    return "\n".join(lines)
+def evaluate_test(config: ml_collections.ConfigDict, run: Run, dataset: datasets.Dataset, mesh,
+                  steps: int) -> dict[str, Any]:
+    """The test-split metrics of a finished run, from its final checkpoint (step `steps`).
 
-
-def check_config(config: ml_collections.ConfigDict):
-    """Checks every config field by name before any data or model is built.
-
-    Returns:
-        The data-parallel mesh (the batch sizes are checked against it).
+    Called once per chosen run, after the selection on the validation split.
 
     Raises:
-        ConfigError: A field is out of range (the message names it).
+        CheckpointDamagedError: The final checkpoint is missing or fails its integrity
+            check (the message names it).
     """
-    models = tuple(config.models)
-    if not models:
-        raise ConfigError("config.models must name at least one model, got ()")
-    unknown = [m for m in models if not model_zoo.is_model(m)]
-    if unknown:
-        raise ConfigError(
-            f"config.models has unknown models {unknown}; see ddf_jax.models.list_models()"
-        )
-    if len(set(models)) != len(models):
-        raise ConfigError(f"config.models has duplicates: {models}")
-    checks.one_of(config, "dtype", DTYPES)
-    checks.one_of(config, "dataset", input_pipeline.DATASETS)
-    for name in ("image_size", "worker_buffer_size", "read_threads", "log_every_steps",
-                 "keep_checkpoints"):
-        checks.integer(config, name, minimum=1)
-    for name in ("digits_max_shift", "crop_padding", "worker_count", "num_devices",
-                 "eval_every_epochs", "checkpoint_every_steps", "stop_after_steps"):
-        checks.integer(config, name, minimum=0)
-    checks.integer(config, "seed", minimum=0, maximum=2**32 - 1)
-    if checks.integer(config, "num_train_steps", minimum=-1) <= 0:
-        checks.positive_number(config, "num_epochs")  # The run length comes from it.
-    checks.positive_number(config, "learning_rate")
-    checks.number_in(config, "warmup_epochs", 0.0, float("inf"))
-    checks.number_in(config, "momentum", 0.0, 1.0, high_open=True)
-    checks.number_in(config, "weight_decay", 0.0, float("inf"))
-    checks.number_in(config, "label_smoothing", 0.0, 1.0, high_open=True)
-    checks.number_in(config, "crop_pct", 1e-6, 1.0)
-    checks.number_in(config, "min_scale", 1e-6, 1.0)
-    for name in ("nesterov", "distributed", "async_checkpoints", "progress_bar", "overwrite",
-                 "check_images", "allow_data_change"):
-        checks.boolean(config, name)
-    mesh = sharding.create_mesh(config.num_devices)
-    sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
-    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-    return mesh
+    trainer, _ = build_trainer(config, run, dataset.info, mesh)
+    with checkpoint_lib.Checkpointer(os.path.join(run.directory, checkpoint_lib.CHECKPOINT_DIR),
+                                     max_to_keep=config.keep_checkpoints) as checkpointer:
+        reason = None if steps in checkpointer.all_steps() else "it does not exist"
+        reason = reason or checkpointer.verify(steps)
+        if not sharding.all_processes_agree(reason is None):
+            reason = reason or "it failed verification on another process"
+        if reason is not None:
+            raise CheckpointDamagedError(
+                f"the final checkpoint {checkpointer.step_dir(steps)} of the finished run in "
+                f"{run.directory} cannot be read ({reason}), so the test split cannot be "
+                "evaluated; pass --overwrite to train the run again"
+            )
+        tree, _ = checkpointer.restore(trainer.abstract_checkpoint_tree(), step=steps)
+    trainer.load_checkpoint_tree(tree)
+    return evaluate(config, trainer, dataset, "test")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-    """Trains and evaluates every model in `config.models`, each in `workdir/<model>/`.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains every run, selects on the validation split, then evaluates the test split once.
 
     Args:
         config: The experiment config (see `configs/default.py`).
         workdir: Output directory; created.
 
     Returns:
-        One row per model: `{"model", "params", "macs", "top1", "top5",
-        "train_seconds", "steps", "finished"}` (top-1/top-5 as fractions). The rows
-        are also written to `workdir/results.json`, the curves to
-        `workdir/curves.png`, and a table is printed.
+        The results (also written to `workdir/results.json`): the dataset and its
+        split, the selection, one row per run (`"test"` only in the chosen runs) and
+        one summary per model (mean and standard deviation over the seeds); see
+        `report.build_results`. The curves go to `workdir/curves.png`, and a table is
+        printed.
     """
     mesh = check_config(config)
-    models = tuple(config.models)
     os.makedirs(workdir, exist_ok=True)
-    dataset = input_pipeline.get_dataset(config)
-    logging.info("dataset %s: %d train / %d eval examples, %d classes, %dx%dx%d",
-                 dataset.info.name, dataset.info.num_train, dataset.info.num_eval,
-                 dataset.info.num_classes, dataset.info.image_size, dataset.info.image_size,
-                 dataset.info.in_chans)
+    dataset = datasets.get_dataset(config)
+    info = dataset.info
+    logging.info("dataset %s: %d train / %d validation / %d test examples, %d classes, %dx%dx%d",
+                 info.name, info.num_train, info.num_validation, info.num_test, info.num_classes,
+                 info.image_size, info.image_size, info.in_chans)
+    runs = plan_runs(config, workdir)
+    rows = [train_model(config, run, dataset, mesh) for run in runs]
 
-    rows = [train_model(config, name, os.path.join(workdir, name), dataset, mesh) for name in models]
+    # Selection sees the validation metrics only; the test split is read afterwards.
+    chosen = report.select_learning_rates(rows)
+    tested = []
+    for run, row in zip(runs, rows):
+        if chosen.get(run.model) == run.learning_rate:
+            tested.append({**row, "test": evaluate_test(config, run, dataset, mesh, row["steps"])})
+        else:
+            tested.append({**row, "test": None})
 
+    results = report.build_results(config, info, dataset.split, tested, chosen)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
-        plotting.plot_training_curves(
-            {name: os.path.join(workdir, name) for name in models},
-            os.path.join(workdir, CURVES_FILE),
-            panels=(
-                ("train", "loss", "train loss"),
-                ("train", "top1", "train top-1 (batch)"),
-                ("eval", "loss", "eval loss"),
-                ("eval", "top1", "eval top-1"),
-            ),
-            title=f"{dataset.info.name} {dataset.info.image_size}px",
-        )
-        print(format_table(rows), flush=True)
-        print(f"results: {os.path.join(workdir, RESULTS_FILE)}; curves: "
-              f"{os.path.join(workdir, CURVES_FILE)}", flush=True)
-    return rows
+        report.write_results(results, workdir, runs)
+    return results

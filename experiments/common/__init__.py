@@ -19,7 +19,8 @@ upsampling, ...) builds on:
                   stop), sum_eval_metrics, LoopResult.
     metrics       MetricsWriter (JSONL + TensorBoard), read_metrics.
     progress      StepProgress (tqdm with step time and images/s).
-    plotting      plot_training_curves (PNG from metrics logs).
+    plotting      plot_training_curves (PNG from metrics logs; mean and band over
+                  several runs, e.g. seeds).
     config_checks Checks of config fields by name, before any expensive work.
     errors        The errors a user can fix (printed without a traceback by cli).
     cli           The command line shared by the experiments' main.py.

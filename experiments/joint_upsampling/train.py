@@ -92,10 +92,9 @@ def create_model(config: ml_collections.ConfigDict, name: str, scale: int, rngs:
 def init_rngs(seed: int) -> nnx.Rngs:
     """Parameter-init streams with the 'rbg' key implementation.
 
-    Eager initialisation compiles one small program per parameter shape; with
-    the default threefry keys that costs about 10 s of CPU per network on a
-    2-core machine, with 'rbg' about a quarter of it. Deterministic for a given
-    backend.
+    Eager initialisation compiles one small program per parameter shape, and
+    'rbg' keys make those programs much cheaper to compile than the default
+    threefry keys. Deterministic for a given backend.
     """
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 

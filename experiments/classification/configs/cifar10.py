@@ -10,6 +10,13 @@ Recipe: 100 epochs, batch 128, SGD momentum 0.9 (Nesterov), peak lr 0.1 with one
 warm-up epoch and cosine decay, weight decay 5e-4 (not on 1-D parameters), label
 smoothing 0.1; augmentation: zero-pad 4 + random crop + horizontal flip.
 
+Splits: validation = a fixed stratified 10% (5,000) of the 50,000 training images,
+used for evaluation during training and for any selection (add
+`--config.sweep_learning_rates="(0.05,0.1,0.2)"` to choose the rate on it); test =
+`test_batch` (10,000), evaluated once at the end. Training uses 45,000 images, so the
+numbers are not directly comparable with results trained on all 50,000. The learning
+rate 0.1 is the usual CIFAR ResNet rate, not tuned here.
+
 Expected wall time: not measured here (the dataset is not on the development machine).
 Expected result: not measured here.
 """
@@ -27,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # Set on the command line.
     config.image_size = 32
     config.crop_padding = 4
+    config.validation_fraction = 0.1  # 5,000 of the 50,000 training images.
     config.worker_count = 4
     config.batch_size = 128
     config.eval_batch_size = 1000

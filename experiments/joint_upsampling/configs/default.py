@@ -12,20 +12,9 @@ one scene, reported separately; the guided filter is tuned on the other half).
 Writes results.json, results.md (also printed), details.json, guided_filter.json
 and PNG panels to the workdir.
 
-Expected wall time: about 14 min on a 2-core CPU shared at a load average of 9
-to 13 (measured: 13 min 38 s, 390 s of user CPU); 4.5 min on a quiet machine
-with the earlier whole-image evaluation. Expected result (seed 0; bit for bit
-on the same machine and JAX version), RMSE in disparity pixels at x4 / x8 / x16:
-
-                   left half               right half
-    bilinear       1.352 / 2.210 / 3.263   2.156 / 3.330 / 4.711
-    bicubic        1.219 / 2.054 / 3.062   1.960 / 3.107 / 4.468
-    guided filter  1.313 / 2.160 / 3.246   2.108 / 3.260 / 4.659
-    plain_net      0.956 / 1.652 / 2.764   1.701 / 2.682 / 4.036
-    ddf_up_net     0.971 / 1.612 / 2.741   1.680 / 2.590 / 3.957
-
-README.md has three seeds with their spread, and the ablations. These numbers
-are not comparable with the paper's (NYU Depth v2; see configs/nyu_pac.py).
+README.md has the measured wall time and RMSE (three seeds with their spread,
+and the ablations). The numbers are not comparable with the paper's (NYU Depth
+v2; see configs/nyu_pac.py).
 
 Any field can be overridden on the command line, e.g.
 `--config.per_scale.x8.steps=600` or `--config.models='("ddf_up_net",)'`.
