@@ -2,28 +2,28 @@
 
 Three layers, so that most of it runs without a GPU:
 
-- On a CPU, the Triton kernels run in Triton's interpreter (`TRITON_INTERPRET=1`,
-  torch CPU tensors). `jax_triton.get_op` is given a launcher with the
-  signature of `jax_triton.triton_call` that runs the kernel through
-  `jax.pure_callback`, so the module's own launch code, custom_vmap and
-  custom_vjp are exercised end to end (jit, vmap, grad) against the "xla"
-  implementation and the float64 loop reference. Outputs start as NaN, so an
-  element that no program writes fails the comparison. Needs `triton` and
-  `torch`; skipped cleanly without them.
+- On a CPU, `TestJaxTritonInterpreter` runs the property suite of
+  `tests/op_properties.py` with the Triton kernels in Triton's interpreter
+  (`TRITON_INTERPRET=1`, torch CPU tensors). `jax_triton.get_op` is given a
+  launcher with the signature of `jax_triton.triton_call` that runs the kernel
+  through `jax.pure_callback` (`tests/triton_interpreter.py`), so the module's own launch code, custom_vmap
+  and custom_vjp are exercised end to end (jit, vmap, grad) against the
+  float64 loop reference. Outputs start as NaN, so an element that no program
+  writes fails the comparison. Needs `triton` and `torch`; skipped cleanly
+  without them. Beside it, without Triton: errors, laziness, launch specs.
 - Also on a CPU, `tests/test_static_sm90.py` compiles every kernel with the
   real Triton compiler for sm_90 (through ptxas), which catches what the
   lenient interpreter accepts.
-- `@pytest.mark.gpu` tests run `ddf_jax.ddf(..., implementation="jax_triton")`
-  on a CUDA GPU (jax-triton installed) against "xla", including a tensor with
-  more than 2**31 elements.
+- `TestJaxTritonGpu` (`gpu` marker) runs the suite with
+  `ddf_jax.ddf(..., implementation="jax_triton")` on a CUDA GPU (jax-triton
+  installed), and one more GPU test a tensor with more than 2**31 elements.
 
-The interpreter must be chosen before `triton` is first imported, so this
-module sets `TRITON_INTERPRET=1` at import time on machines without a GPU
-(where the compiled kernels could not run anyway).
+The interpreter must be chosen before `triton` is first imported: importing
+`tests.triton_interpreter` first sets `TRITON_INTERPRET=1` on machines without
+a GPU (where the compiled kernels could not run anyway).
 """
 
 import functools
-import importlib
 import os
 import subprocess
 import sys
@@ -34,22 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from tests.utils import has_gpu, random_ddf_inputs
+# First: it chooses Triton's interpreter before anything imports triton.
+from tests.triton_interpreter import HAS_GPU, interpreter_launch, interpreter_state  # isort: skip
 
-
-HAS_GPU = has_gpu()
-if not HAS_GPU and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import ddf_jax  # noqa: E402
-from ddf_jax.kernels import DDFConfig, ImplementationUnavailable  # noqa: E402
-from ddf_jax.kernels import jax_triton as jt  # noqa: E402
-from ddf_jax.kernels import xla  # noqa: E402
-from ddf_jax.kernels.common import LaunchConfig  # noqa: E402
-from tests.reference import ddf_reference  # noqa: E402
-from tests.test_pallas_triton import assert_grads_match_reference  # noqa: E402
+import ddf_jax
+from ddf_jax.kernels import DDFConfig, ImplementationUnavailable
+from ddf_jax.kernels import jax_triton as jt
+from ddf_jax.kernels.common import LaunchConfig
+from tests.op_properties import Case, OpProperties
+from tests.utils import random_ddf_inputs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,331 +214,102 @@ def test_vmap_over_an_empty_axis_launches_nothing():
 # --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _interpreter():
-    """(torch, triton_kernels) when the Triton interpreter can run here, else a skip reason."""
-    try:
-        torch = importlib.import_module("torch")
-        triton = importlib.import_module("triton")
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError as error:
-        return f"needs triton and torch for Triton's CPU interpreter ({error})"
-    from ddf_jax.kernels import triton_kernels
-
-    if not (
-        isinstance(triton_kernels.ddf_fwd_kernel, InterpretedFunction)
-        and isinstance(triton.language.zeros, InterpretedFunction)
-    ):
-        return (
-            "Triton's interpreter is off (a GPU is present, or triton was imported "
-            "before TRITON_INTERPRET=1 could be set)"
-        )
-    return torch, triton_kernels
-
-
-def _torch_dtype(torch, dtype):
-    return {
-        jnp.dtype(jnp.float16): torch.float16,
-        jnp.dtype(jnp.bfloat16): torch.bfloat16,
-        jnp.dtype(jnp.float32): torch.float32,
-        jnp.dtype(jnp.float64): torch.float64,
-    }[jnp.dtype(dtype)]
-
-
-def _to_torch(torch, array):
-    array = np.asarray(array)
-    if array.dtype == jnp.bfloat16:  # numpy has no native bfloat16: move the bits.
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
-
-
-def _to_numpy(torch, tensor):
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
-    return tensor.numpy()
-
-
-def interpreter_launch(*arrays, kernel, out_shape, grid, num_warps=None, num_stages=None, **constexprs):
-    """`jax_triton.triton_call`'s contract, run by Triton's interpreter inside `jax.pure_callback`."""
-    del num_warps, num_stages  # meaningless to the interpreter
-    torch, _ = _interpreter()
-    out_shape = tuple(out_shape)
-
-    def host(*host_arrays):
-        inputs = [_to_torch(torch, a) for a in host_arrays]
-        # NaN-filled, so an element that no program writes is caught by the comparisons.
-        outputs = [
-            torch.full(s.shape, float("nan"), dtype=_torch_dtype(torch, s.dtype)) for s in out_shape
-        ]
-        kernel[grid](*inputs, *outputs, **constexprs)
-        return tuple(_to_numpy(torch, t) for t in outputs)
-
-    return jax.pure_callback(host, out_shape, *arrays)
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """A builder of interpreted ops: `interpreted(block_sizes=None) -> op`."""
-    state = _interpreter()
+def interpreted_op(block_sizes=None):
+    """The jax_triton op whose kernels run in Triton's interpreter (skips the test when it cannot)."""
+    state = interpreter_state()
     if isinstance(state, str):
         pytest.skip(state)
-
-    def make(block_sizes=None):
-        return jt.get_op("cpu", block_sizes, launch=interpreter_launch)
-
-    return make
+    return jt.get_op("cpu", block_sizes, launch=interpreter_launch)
 
 
-# (k, stride, dilation, heads, combine, (N, H, W, C), block sizes or None)
 SMALL_BLOCKS = blocks_of((16, 4), (16, 4))  # many pixel and channel tiles
 ODD_BLOCKS = blocks_of((32, 8), (32, 2))
-INTERPRETER_GRID = [
-    (1, 1, 1, 1, "mul", (2, 11, 9, 20), None),
-    (1, 2, 1, 2, "add", (2, 11, 9, 20), None),
-    (3, 1, 1, 1, "mul", (2, 11, 9, 20), None),
-    (3, 1, 2, 2, "add", (2, 11, 9, 20), None),
-    (3, 2, 1, 1, "add", (2, 11, 9, 20), None),
-    (3, 2, 2, 2, "mul", (2, 11, 9, 20), None),
-    (3, 2, 1, 4, "mul", (1, 7, 13, 20), None),  # 5 channels per head: gathered heads
-    (5, 1, 1, 1, "add", (1, 11, 9, 12), None),
-    (5, 2, 2, 2, "mul", (2, 11, 9, 12), None),
-    (5, 1, 2, 1, "mul", (1, 9, 11, 6), None),
-    (3, 1, 1, 2, "mul", (1, 9, 7, 16), SMALL_BLOCKS),  # one head per channel tile
-    (3, 2, 1, 2, "add", (1, 9, 7, 20), ODD_BLOCKS),  # tiles straddle heads
-    (5, 2, 1, 5, "mul", (1, 7, 6, 10), SMALL_BLOCKS),
-]
 
 
-@pytest.mark.parametrize("k,stride,dilation,heads,combine,shape,blocks", INTERPRETER_GRID)
-def test_interpreted_kernels_match_xla(interpreted, k, stride, dilation, heads, combine, shape, blocks):
-    config = DDFConfig(k, stride, dilation, combine)
-    x, cf, sf, g = random_inputs(k * 100 + stride * 10 + heads, *shape, k, stride, heads)
-    out, (dx, dcf, dsf) = forward_and_vjp(interpreted(blocks), x, cf, sf, g, config)
-    ref_out, (ref_dx, ref_dcf, ref_dsf) = forward_and_vjp(xla.ddf_xla, x, cf, sf, g, config)
-    assert_relative_error(out, ref_out, 1e-5, "out")
-    assert_relative_error(dx, ref_dx, 1e-5, "dx")
-    assert_relative_error(dcf, ref_dcf, 1e-5, "d_channel_filter")
-    assert_relative_error(dsf, ref_dsf, 1e-5, "d_spatial_filter")
-    # The fused backward kernel against the float64 loop reference, through linearity.
-    assert_grads_match_reference(x, cf, sf, g, (dx, dcf, dsf), k, stride, dilation, combine, rtol=1e-6)
+class TestJaxTritonInterpreter(OpProperties):
+    """The kernels in Triton's interpreter, launched through the module's own wiring."""
 
-
-@pytest.mark.parametrize("k,stride,dilation,heads,combine", [(3, 2, 1, 2, "mul"), (5, 1, 2, 1, "add")])
-def test_interpreted_forward_matches_loop_reference(interpreted, k, stride, dilation, heads, combine):
-    config = DDFConfig(k, stride, dilation, combine)
-    x, cf, sf, _ = random_inputs(7, 2, 9, 10, 8, k, stride, heads)
-    out = jax.jit(lambda a, b, c: interpreted()(a, b, c, config))(x, cf, sf)
-    expected = ddf_reference(x, cf, sf, k, stride, dilation, combine)
-    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "dtypes,tol",
-    [
-        ((jnp.bfloat16,) * 4, 2e-2),
-        ((jnp.float16,) * 4, 2e-3),
-        # bfloat16 activations with float32 filters: each array keeps its own dtype.
-        ((jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16), 2e-2),
-    ],
-)
-def test_interpreted_low_precision(interpreted, dtypes, tol):
-    config = DDFConfig(3, 2, 1, "mul")
-    arrays = random_inputs(3, 1, 9, 7, 16, 3, 2, 2)
-    x, cf, sf, g = (a.astype(d) for a, d in zip(arrays, dtypes))
-    out, grads = forward_and_vjp(interpreted(), x, cf, sf, g, config)
-    ref_out, ref_grads = forward_and_vjp(xla.ddf_xla, x, cf, sf, g, config)
+    IMPLEMENTATION = "jax_triton"
+    TILES = {"small": SMALL_BLOCKS, "odd": ODD_BLOCKS}
     # The interpreter rounds float32 -> bfloat16 towards zero (a GPU rounds to
-    # nearest), so bfloat16 results may differ from XLA's by one unit in the last place.
-    assert_relative_error(out, ref_out, tol, "out")
-    for name, a, b in zip(("dx", "d_channel_filter", "d_spatial_filter"), grads, ref_grads):
-        assert_relative_error(a, b, tol, name)
+    # nearest): up to one unit in the last place, 2 units of roundoff.
+    ROUNDING_ULPS = {jnp.dtype(jnp.bfloat16): 2}
+    # The vmap rule folds the mapped axis into N, and images are independent.
+    VMAP_IS_BITWISE = True
+    GRADIENT_CASES = [
+        Case(2, 11, 9, 20, 1, 1, 1, 1, "mul"),
+        Case(2, 11, 9, 20, 1, 2, 1, 2, "add"),
+        Case(2, 11, 9, 20, 3, 1, 1, 1, "mul"),
+        Case(2, 11, 9, 20, 3, 1, 2, 2, "add"),
+        Case(2, 11, 9, 20, 3, 2, 1, 1, "add"),
+        Case(2, 11, 9, 20, 3, 2, 2, 2, "mul"),
+        Case(1, 7, 13, 20, 3, 2, 1, 4, "mul"),  # 5 channels per head: gathered heads
+        Case(1, 11, 9, 12, 5, 1, 1, 1, "add"),
+        Case(2, 11, 9, 12, 5, 2, 2, 2, "mul"),
+        Case(1, 9, 11, 6, 5, 1, 2, 1, "mul"),
+        Case(1, 9, 7, 16, 3, 1, 1, 2, "mul", "small"),  # one head per channel tile
+        Case(1, 9, 7, 20, 3, 2, 1, 2, "add", "odd"),  # tiles straddle heads
+        Case(1, 7, 6, 10, 5, 2, 1, 5, "mul", "small"),
+        Case(1, 6, 7, 6, 5, 1, 1, 3, "add"),
+        Case(1, 11, 9, 12, 7, 2, 3, 2, "mul"),
+        Case(1, 9, 7, 12, 7, 3, 1, None, "add", "small"),
+    ]
+    FORWARD_CASES = [Case(2, 9, 10, 8, 3, 2, 1, 2, "mul"), Case(2, 9, 10, 8, 5, 1, 2, 1, "add")]
+    LOW_PRECISION_CASES = [
+        (dtypes, Case(1, 9, 7, 16, 3, 2, 1, 2, "mul")) for dtypes in ("bfloat16", "float16", "bfloat16_x_float32_filters")
+    ] + [("bfloat16", Case(1, 9, 7, 12, 7, 1, 2, 4, "add"))]
+    FLOAT64_CASES = [Case(1, 7, 6, 4, 3, 2, 1, 2, "mul"), Case(1, 6, 5, 4, 3, 1, 2, 1, "add")]
+    VMAP_CASES = [Case(2, 7, 5, 4, 3, 2, 1, 2, "mul")]
+    PMAP_CASES = [Case(1, 7, 6, 12, 3, 1, 2, 2, "add")]
+    DETERMINISM_CASES = [Case(1, 6, 7, 6, 5, 1, 1, 3, "add")]
+    IDENTITY_CASES = [Case(2, 11, 9, 20, 3, 1, 1, 1, "mul")]
+    EMPTY_CASES = [((0, 5, 4, 4), 2, jnp.float32), ((1, 0, 4, 4), 2, jnp.float32), ((1, 5, 4, 0), 2, jnp.float32),
+                   ((0, 5, 3, 4), 2, jnp.bfloat16)]
+    HYPOTHESIS_EXAMPLES = 5
+
+    def get_op(self, tiles=None):
+        return interpreted_op(self.TILES[tiles] if tiles else None)
 
 
-def test_interpreted_float64_gradients(interpreted):
-    """float64 inputs take the FP64 kernel path; gradients agree with finite differences."""
-    config = DDFConfig(3, 2, 1, "mul")
-    op = interpreted()
-    with jax.enable_x64(True):
-        x, cf, sf, g = random_inputs(11, 1, 7, 6, 4, 3, 2, 2, dtype=np.float64)
-        assert op(x, cf, sf, config).dtype == jnp.float64
-        np.testing.assert_allclose(
-            np.asarray(op(x, cf, sf, config)), ddf_reference(x, cf, sf, 3, 2), rtol=1e-12, atol=1e-12
+@pytest.mark.gpu
+class TestJaxTritonGpu(OpProperties):
+    """The compiled kernels through jax_triton.triton_call on a CUDA GPU."""
+
+    IMPLEMENTATION = "jax_triton"
+    GRADIENT_CASES = [
+        Case(2, 19, 13, 24, k, stride, dilation, heads, combine)
+        for k in (1, 3, 5, 7)
+        for stride, dilation, heads, combine in (
+            (1, 1, 1, "mul"),
+            (2, 1, 2, "add"),
+            (1, 2, 4, "mul"),
+            (2, 2, 1, "add"),
+            (2, 2, 3, "mul"),  # 8 channels per head: channel tiles straddle heads
         )
-        check_grads(lambda a, b, c: op(a, b, c, config), (x, cf, sf), order=1, modes=("rev",))
-        config_add = DDFConfig(3, 1, 2, "add")
-        inputs = random_inputs(12, 1, 6, 5, 4, 3, 1, 1, np.float64)[:3]
-        check_grads(lambda a, b, c: op(a, b, c, config_add), inputs, order=1, modes=("rev",))
+        if not (k == 1 and dilation == 2)
+    ] + [Case(*shape, 3, 2, 1, 1, "mul") for shape in [(1, 1, 1, 1), (3, 33, 17, 100), (2, 56, 56, 256)]]
+    LOW_PRECISION_CASES = [
+        (dtypes, Case(2, 21, 14, 32, k, stride, 1, heads, combine))
+        for dtypes in ("bfloat16", "float16", "bfloat16_x_float32_filters")
+        for k, stride, heads, combine in [(3, 1, 1, "mul"), (5, 2, 2, "add"), (7, 1, 1, "mul")]
+    ]
+    FLOAT64_CASES = [Case(1, 9, 8, 6, 3, 2, 1, 2, "mul")]
+    VMAP_CASES = [Case(2, 15, 12, 16, 3, 2, 2, 2, "mul")]
+    DETERMINISM_CASES = [Case(2, 19, 13, 24, 3, 2, 2, 3, "mul")]
 
-
-def test_interpreted_vmap_equals_loop(interpreted):
-    config = DDFConfig(3, 2, 1, "mul")
-    op = interpreted()
-    batches = [random_inputs(20 + b, 2, 7, 5, 4, 3, 2, 2) for b in range(2)]
-    xs, cfs, sfs, gs = (jnp.stack(parts) for parts in zip(*batches))
-    forward = jax.jit(lambda x, cf, sf: op(x, cf, sf, config))
-
-    def loss(x, cf, sf, g):
-        return jnp.sum(op(x, cf, sf, config) * g)
-
-    vmapped = jax.jit(jax.vmap(forward))(xs, cfs, sfs)
-    looped = jnp.stack([forward(xs[b], cfs[b], sfs[b]) for b in range(2)])
-    chex.assert_trees_all_equal(vmapped, looped)  # images are independent: bitwise equal
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    vmapped_grads = jax.jit(jax.vmap(grad))(xs, cfs, sfs, gs)
-    per_batch = [grad(xs[b], cfs[b], sfs[b], gs[b]) for b in range(2)]
-    looped_grads = [jnp.stack(parts) for parts in zip(*per_batch)]
-    chex.assert_trees_all_close(tuple(vmapped_grads), tuple(looped_grads), rtol=1e-6, atol=1e-6)
-
-    # Unbatched filters are broadcast; nested vmap folds both axes.
-    shared = jax.vmap(lambda x: forward(x, cfs[0], sfs[0]))(xs)
-    chex.assert_trees_all_equal(shared, jnp.stack([forward(xs[b], cfs[0], sfs[0]) for b in range(2)]))
-    nested = jax.vmap(jax.vmap(lambda x, cf, sf: op(x[None], cf[None], sf[None], config)[0]))(xs, cfs, sfs)
-    chex.assert_trees_all_equal(nested, looped)
-    empty = jax.vmap(forward)(xs[:0], cfs[:0], sfs[:0])
-    chex.assert_trees_all_equal(empty, looped[:0])
-
-
-def test_interpreted_grad_under_jit_matches_xla_and_is_deterministic(interpreted):
-    config = DDFConfig(5, 1, 1, "add")
-    x, cf, sf, g = random_inputs(5, 1, 6, 7, 6, 5, 1, 3)
-
-    def loss(op):
-        return lambda x, cf, sf: jnp.sum(jnp.sin(op(x, cf, sf, config)) * g)
-
-    grad = jax.jit(jax.grad(loss(interpreted()), argnums=(0, 1, 2)))
-    grads = grad(x, cf, sf)
-    again = grad(x, cf, sf)  # the kernels run again (callbacks are not cached)
-    chex.assert_trees_all_equal(grads, again)
-    expected = jax.grad(loss(xla.ddf_xla), argnums=(0, 1, 2))(x, cf, sf)
-    for name, a, b in zip(("dx", "d_channel_filter", "d_spatial_filter"), grads, expected):
-        assert_relative_error(a, b, 1e-5, name)
+    def get_op(self, tiles=None):
+        assert tiles is None
+        return jt.get_op("gpu")
 
 
 # --------------------------------------------------------------------------------------
-# GPU: the compiled kernels through jax_triton.triton_call.
+# GPU: a tensor beyond the int32 range.
 # --------------------------------------------------------------------------------------
-
-IMPL = "jax_triton"
-
-GPU_GRID = [
-    (k, stride, dilation, heads, combine)
-    for k in (1, 3, 5, 7)
-    for stride, dilation, heads, combine in (
-        (1, 1, 1, "mul"),
-        (2, 1, 2, "add"),
-        (1, 2, 4, "mul"),
-        (2, 2, 1, "add"),
-        (2, 2, 3, "mul"),  # 8 channels per head: channel tiles straddle heads
-    )
-    if not (k == 1 and dilation == 2)
-]
 
 
 def ddf_fn(implementation, k, stride, dilation, combine):
-    def f(x, cf, sf):
-        return ddf_jax.ddf(
-            x,
-            cf,
-            sf,
-            kernel_size=k,
-            stride=stride,
-            dilation=dilation,
-            combine=combine,
-            implementation=implementation,
-        )
-
-    return f
-
-
-def gpu_forward_and_vjp(implementation, x, cf, sf, g, k, stride, dilation, combine):
-    f = ddf_fn(implementation, k, stride, dilation, combine)
-
-    @jax.jit
-    def run(x, cf, sf, g):
-        out, vjp = jax.vjp(f, x, cf, sf)
-        return out, vjp(g)
-
-    return run(x, cf, sf, g)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("k,stride,dilation,heads,combine", GPU_GRID)
-def test_gpu_float32_matches_xla(k, stride, dilation, heads, combine):
-    x, cf, sf, g = random_inputs(k + 10 * stride + 100 * heads, 2, 19, 13, 24, k, stride, heads)
-    out, grads = gpu_forward_and_vjp(IMPL, x, cf, sf, g, k, stride, dilation, combine)
-    ref_out, ref_grads = gpu_forward_and_vjp("xla", x, cf, sf, g, k, stride, dilation, combine)
-    assert_relative_error(out, ref_out, 1e-5, "out")
-    for name, a, b in zip(("dx", "d_channel_filter", "d_spatial_filter"), grads, ref_grads):
-        assert_relative_error(a, b, 1e-5, name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 33, 17, 100), (2, 56, 56, 256)])
-def test_gpu_shapes_match_xla(shape):
-    k, stride = 3, 2
-    x, cf, sf, g = random_inputs(1, *shape, k, stride, 1)
-    out, grads = gpu_forward_and_vjp(IMPL, x, cf, sf, g, k, stride, 1, "mul")
-    ref_out, ref_grads = gpu_forward_and_vjp("xla", x, cf, sf, g, k, stride, 1, "mul")
-    assert_relative_error(out, ref_out, 1e-5, "out")
-    for name, a, b in zip(("dx", "d_channel_filter", "d_spatial_filter"), grads, ref_grads):
-        assert_relative_error(a, b, 1e-5, name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "dtypes,tol",
-    [
-        ((jnp.bfloat16,) * 4, 1e-2),
-        ((jnp.float16,) * 4, 2e-3),
-        ((jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16), 1e-2),
-    ],
-)
-@pytest.mark.parametrize("k,stride,heads,combine", [(3, 1, 1, "mul"), (5, 2, 2, "add"), (7, 1, 1, "mul")])
-def test_gpu_low_precision_matches_xla(dtypes, tol, k, stride, heads, combine):
-    arrays = random_inputs(2, 2, 21, 14, 32, k, stride, heads)
-    x, cf, sf, g = (a.astype(d) for a, d in zip(arrays, dtypes))
-    out, grads = gpu_forward_and_vjp(IMPL, x, cf, sf, g, k, stride, 1, combine)
-    ref_out, ref_grads = gpu_forward_and_vjp("xla", x, cf, sf, g, k, stride, 1, combine)
-    assert_relative_error(out, ref_out, tol, "out")
-    for name, a, b in zip(("dx", "d_channel_filter", "d_spatial_filter"), grads, ref_grads):
-        assert_relative_error(a, b, tol, name)
-
-
-@pytest.mark.gpu
-def test_gpu_float64_gradients_and_reference():
-    with jax.enable_x64(True):
-        x, cf, sf, _ = random_inputs(4, 1, 9, 8, 6, 3, 2, 2, dtype=np.float64)
-        f = ddf_fn(IMPL, 3, 2, 1, "mul")
-        expected = ddf_reference(x, cf, sf, 3, 2)
-        np.testing.assert_allclose(np.asarray(f(x, cf, sf)), expected, rtol=1e-12, atol=1e-12)
-        check_grads(f, (x, cf, sf), order=1, modes=("rev",))
-
-
-@pytest.mark.gpu
-def test_gpu_jit_vmap_grad():
-    k, stride, dilation, combine = 3, 2, 2, "mul"
-    batches = [random_inputs(30 + b, 2, 15, 12, 16, k, stride, 2) for b in range(3)]
-    xs, cfs, sfs, gs = (jnp.stack(parts) for parts in zip(*batches))
-    f = ddf_fn(IMPL, k, stride, dilation, combine)
-
-    def loss(x, cf, sf, g):
-        return jnp.sum(f(x, cf, sf) * g)
-
-    vmapped = jax.jit(jax.vmap(f))(xs, cfs, sfs)
-    looped = jnp.stack([f(xs[b], cfs[b], sfs[b]) for b in range(3)])
-    chex.assert_trees_all_equal(vmapped, looped)
-    grad = jax.grad(loss, argnums=(0, 1, 2))
-    vmapped_grads = jax.jit(jax.vmap(grad))(xs, cfs, sfs, gs)
-    looped_grads = [jnp.stack(p) for p in zip(*(grad(xs[b], cfs[b], sfs[b], gs[b]) for b in range(3)))]
-    chex.assert_trees_all_close(tuple(vmapped_grads), tuple(looped_grads), rtol=1e-6, atol=1e-6)
-    reference = ddf_fn("xla", k, stride, dilation, combine)
-    xla_grad = jax.grad(lambda x, cf, sf, g: jnp.sum(reference(x, cf, sf) * g), argnums=(0, 1, 2))
-    expected = jax.vmap(xla_grad)(xs, cfs, sfs, gs)
-    for name, a, b in zip(("dx", "d_channel_filter", "d_spatial_filter"), vmapped_grads, expected):
-        assert_relative_error(a, b, 1e-5, name)
-    # Deterministic: the same call twice gives the same bits.
-    chex.assert_trees_all_equal(jax.jit(jax.vmap(grad))(xs, cfs, sfs, gs), vmapped_grads)
+    return functools.partial(ddf_jax.ddf, kernel_size=k, stride=stride, dilation=dilation, combine=combine,
+                             implementation=implementation)
 
 
 def _hashed_bf16(shape, seed):
@@ -575,7 +340,7 @@ def test_gpu_tensor_above_int32_range():
     sf = make((n, h, w, 1, k * k), 1)
     cf = make((n, c, k * k), 2)
     g = make((n, h, w, c), 3)
-    f = ddf_fn(IMPL, k, 1, 1, "mul")
+    f = ddf_fn("jax_triton", k, 1, 1, "mul")
 
     @jax.jit
     def run(x, cf, sf, g):
