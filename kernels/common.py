@@ -303,3 +303,56 @@ def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str):
     op.__name__ = f"ddf_{name}"
     op.__qualname__ = op.__name__
     return op
+
+
+def _fold_vmapped_axis(fn: Callable) -> Callable:
+    """Wraps `fn` (arrays and outputs with the batch axis N first) so that `jax.vmap` folds into N.
+
+    Under vmap every argument gets the mapped axis first (unmapped ones are
+    broadcast), (B, N, ...) is reshaped to (B*N, ...), `fn` runs once, and each
+    output is reshaped back to (B, N, ...).
+    """
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        folded = []
+        for arg, batched in zip(args, in_batched):
+            if not batched:
+                arg = jnp.broadcast_to(arg, (axis_size,) + arg.shape)
+            folded.append(arg.reshape((axis_size * arg.shape[1],) + arg.shape[2:]))
+        n = args[0].shape[1] if in_batched[0] else args[0].shape[0]
+        outs = wrapped(*folded)
+        unfolded = jax.tree.map(lambda o: o.reshape((axis_size, n) + o.shape[1:]), outs)
+        return unfolded, jax.tree.map(lambda _: True, outs)
+
+    return wrapped
+
+
+def make_kernel_op(forward: ForwardFn, backward: BackwardFn, name: str):
+    """`make_ddf_op` for kernels that launch one grid over the batch axis N.
+
+    Under `jax.vmap` the mapped axis is folded into N, so the kernels run once
+    on B*N images instead of through a batching rule. `make_ddf_op` skips
+    empty inputs, but under vmap over an axis of size 0 it sees the non-empty
+    per-example shapes; the folded arrays are then empty, so the same guards
+    are applied again after folding (a launch grid of 0 programs is invalid).
+    """
+    guarded_forward = skip_empty_forward(forward)
+    guarded_backward = skip_empty_backward(backward)
+
+    @functools.lru_cache(maxsize=None)
+    def forward_for(config: DDFConfig):
+        return _fold_vmapped_axis(lambda x, cf, sf: guarded_forward(x, cf, sf, config))
+
+    @functools.lru_cache(maxsize=None)
+    def backward_for(config: DDFConfig):
+        return _fold_vmapped_axis(lambda x, cf, sf, g: guarded_backward(x, cf, sf, g, config))
+
+    def op_forward(x, channel_filter, spatial_filter, config: DDFConfig):
+        return forward_for(config)(x, channel_filter, spatial_filter)
+
+    def op_backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
+        return backward_for(config)(x, channel_filter, spatial_filter, grad_out)
+
+    return make_ddf_op(op_forward, op_backward, name)

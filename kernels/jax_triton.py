@@ -43,9 +43,7 @@ from .common import (
     DDFConfig,
     ImplementationUnavailable,
     accumulation_dtype,
-    make_ddf_op,
-    skip_empty_backward,
-    skip_empty_forward,
+    make_kernel_op,
 )
 
 INSTALL_HINT = (
@@ -181,30 +179,6 @@ def _launch(launch: Launcher, spec: LaunchSpec, *arrays) -> tuple:
     return tuple(outs)
 
 
-def _fold_vmapped_axis(fn: Callable) -> Callable:
-    """Wraps `fn` (arrays and outputs with the batch axis N first) so that `jax.vmap` folds into N.
-
-    Under vmap every argument gets the mapped axis first (unmapped ones are
-    broadcast), (B, N, ...) is reshaped to (B*N, ...), `fn` runs once, and each
-    output is reshaped back to (B, N, ...).
-    """
-    wrapped = jax.custom_batching.custom_vmap(fn)
-
-    @wrapped.def_vmap
-    def rule(axis_size, in_batched, *args):
-        folded = []
-        for arg, batched in zip(args, in_batched):
-            if not batched:
-                arg = jnp.broadcast_to(arg, (axis_size,) + arg.shape)
-            folded.append(arg.reshape((axis_size * arg.shape[1],) + arg.shape[2:]))
-        n = args[0].shape[1] if in_batched[0] else args[0].shape[0]
-        outs = wrapped(*folded)
-        unfolded = jax.tree.map(lambda o: o.reshape((axis_size, n) + o.shape[1:]), outs)
-        return unfolded, jax.tree.map(lambda _: True, outs)
-
-    return wrapped
-
-
 def _triton_call() -> Launcher:
     return importlib.import_module("jax_triton").triton_call
 
@@ -245,28 +219,7 @@ def backward(
 @functools.lru_cache(maxsize=None)
 def _op(launch: Optional[Launcher], block_sizes: Optional[BlockSizes]):
     options = dict(block_sizes=block_sizes, launch=launch)
-    # `make_ddf_op` skips empty inputs, but under `jax.vmap` over an axis of
-    # size 0 it sees the per-example shapes; the folded arrays seen here are
-    # then empty, so the same guards are applied after folding (a launch grid
-    # of 0 programs is invalid).
-    guarded_forward = skip_empty_forward(functools.partial(forward, **options))
-    guarded_backward = skip_empty_backward(functools.partial(backward, **options))
-
-    @functools.lru_cache(maxsize=None)
-    def forward_for(config: DDFConfig):
-        return _fold_vmapped_axis(lambda x, cf, sf: guarded_forward(x, cf, sf, config))
-
-    @functools.lru_cache(maxsize=None)
-    def backward_for(config: DDFConfig):
-        return _fold_vmapped_axis(lambda x, cf, sf, g: guarded_backward(x, cf, sf, g, config))
-
-    def op_forward(x, channel_filter, spatial_filter, config: DDFConfig):
-        return forward_for(config)(x, channel_filter, spatial_filter)
-
-    def op_backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
-        return backward_for(config)(x, channel_filter, spatial_filter, grad_out)
-
-    return make_ddf_op(op_forward, op_backward, "jax_triton")
+    return make_kernel_op(functools.partial(forward, **options), functools.partial(backward, **options), "jax_triton")
 
 
 def check_available(platform: str) -> None:

@@ -112,7 +112,7 @@ from .common import (
     LaunchConfig,
     accumulation_dtype,
     combine_filters,
-    make_ddf_op,
+    make_kernel_op,
     next_power_of_2,
 )
 
@@ -470,7 +470,7 @@ def _op(interpret: bool, block_sizes: BlockSizes | None):
     # pallas_call retraces its kernel on every call).
     forward_fn = jax.jit(functools.partial(forward, **options), static_argnums=(3,))
     backward_fn = jax.jit(functools.partial(backward, **options), static_argnums=(4,))
-    return make_ddf_op(forward_fn, backward_fn, "pallas_triton_interpret" if interpret else "pallas_triton")
+    return make_kernel_op(forward_fn, backward_fn, "pallas_triton_interpret" if interpret else "pallas_triton")
 
 
 def get_op(platform: str, block_sizes: BlockSizes | None = None):

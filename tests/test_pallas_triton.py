@@ -74,16 +74,6 @@ class TestPallasInterpret(OpProperties):
         assert op.__name__ == "ddf_pallas_triton_interpret"
         return op
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=TypeError,
-        reason="kernels/pallas_triton.py: under jax.vmap over an axis of size 0 the op sees the non-empty "
-        "per-example shapes and launches its kernels on a batch of 0 (TypeError: slice_sizes (1, ...) for "
-        "operand shape (0, ...)), forward and backward, eager and jitted; jax_triton guards this case",
-    )
-    def test_vmap_over_an_empty_axis(self, vmap_case):
-        super().test_vmap_over_an_empty_axis(vmap_case)
-
 
 @pytest.mark.gpu
 class TestPallasGpu(OpProperties):
