@@ -33,8 +33,8 @@ fused loops.
 - d_channel_filter[n, c, t] = sum over output pixels of `grad_out * window_t`
   (times sf[..., t] for "mul").
 
-**Why the filter gradients are summed in stages.** XLA:CPU (jax 0.10.2)
-emits a reduction of a fused expression as a scalar loop (no fast-math
+**Why the filter gradients are summed in stages.** XLA:CPU (jax 0.10.2) emits a
+reduction of a fused expression as a scalar loop (no fast-math
 reassociation), and its vectorised YNNPACK reductions take only operands
 already in memory: handed a window, it first copies the window. Two forms do
 run at the speed of an elementwise loop:
@@ -42,32 +42,19 @@ run at the speed of an elementwise loop:
 - *sums by eights*: a variadic reduce of a few operands over a non-minor
   axis of at most 8 elements. LLVM unrolls it and vectorises the loop over the
   minor axis. Each step divides the data by 8, so the first partial sum holds
-  K/8 of the elements of grad_out (1.125x at k=3, stride 1).
+  K/8 of the elements of grad_out.
 - *unrolled blocks*: an explicit sum of strided slices, one term per pixel of
-  a block, fused into one elementwise loop; the block partials of at most
-  MAX_FUSED_STACK taps are stacked (XLA:CPU fuses a concatenate of at most 8
-  operands into one loop), and YNNPACK reduces the stack. Compile time grows
-  with the number of terms.
+  a block, fused into one elementwise loop; the block partials of a few taps
+  are stacked into one fused loop, and YNNPACK reduces the stack. Compile time
+  grows with the number of terms.
 
-So, with every first partial kept within PARTIAL_BUDGET elements of x (all
-taps together):
-
-- d_spatial_filter: channel c = 8a + l of a head becomes (chunk a, lane l);
-  the chunks are summed by eights and the 8 lanes by one short reduce. When
-  that does not fit (e.g. k=5 at stride 1) or a head's channels are not whole
-  lanes, one variadic reduce over the channels, all taps in one scalar pass.
-- d_channel_filter: sums by eights (8 rows, then 8 columns) when 1/8 of the
-  pixels fits, else unrolled blocks of up to BLOCK_PIXELS pixels, else one
-  scalar pass. `spatial_filter_method` and `channel_filter_method` say which.
-
-At x (8, 56, 56, 64) float32 on a 2-core x86 CPU (jax 0.10.2) the jitted
-forward+backward (vjp with a random cotangent) costs about 3.3x the forward at
-k=3, stride 1, against 12x for the former `lax.scan` over taps; the measured
-numbers, for k=5 and stride 2 too, are in BENCHMARKS.md.
+Each filter gradient uses the fastest form whose first partial sum fits a
+budget of temporaries, else one scalar pass: `spatial_filter_method` and
+`channel_filter_method` decide, and their docstrings give the rules.
 
 No dot is used, so float32 inputs never run at reduced (TF32) precision on a
-GPU. The constants were tuned on the CPU. The same code runs on GPUs, but
-nobody has measured it there yet.
+GPU. The constants were tuned on the CPU. The same code runs on GPUs, but it
+has not been timed there.
 """
 
 from __future__ import annotations
