@@ -33,8 +33,8 @@ fused loops.
 - d_channel_filter[n, c, t] = sum over output pixels of `grad_out * window_t`
   (times sf[..., t] for "mul").
 
-**Why the filter gradients are summed in stages.** XLA:CPU (jax 0.10.2)
-emits a reduction of a fused expression as a scalar loop (no fast-math
+**Why the filter gradients are summed in stages.** XLA:CPU (jax 0.10.2) emits a
+reduction of a fused expression as a scalar loop (no fast-math
 reassociation), and its vectorised YNNPACK reductions take only operands
 already in memory: handed a window, it first copies the window. Two forms do
 run at the speed of an elementwise loop:
@@ -42,32 +42,32 @@ run at the speed of an elementwise loop:
 - *sums by eights*: a variadic reduce of a few operands over a non-minor
   axis of at most 8 elements. LLVM unrolls it and vectorises the loop over the
   minor axis. Each step divides the data by 8, so the first partial sum holds
-  K/8 of the elements of grad_out (1.125x at k=3, stride 1).
+  K/8 of the elements of grad_out.
 - *unrolled blocks*: an explicit sum of strided slices, one term per pixel of
-  a block, fused into one elementwise loop; the block partials of at most
-  MAX_FUSED_STACK taps are stacked (XLA:CPU fuses a concatenate of at most 8
-  operands into one loop), and YNNPACK reduces the stack. Compile time grows
-  with the number of terms.
+  a block, fused into one elementwise loop; the block partials of a few taps
+  are stacked into one fused loop, and YNNPACK reduces the stack. Compile time
+  grows with the number of terms.
 
-So, with every first partial kept within PARTIAL_BUDGET elements of x (all
-taps together):
+Each filter gradient uses the fastest form whose first partial sum fits a
+budget of temporaries, else one scalar pass: `spatial_filter_method` and
+`channel_filter_method` decide, and their docstrings give the rules.
 
-- d_spatial_filter: channel c = 8a + l of a head becomes (chunk a, lane l);
-  the chunks are summed by eights and the 8 lanes by one short reduce. When
-  that does not fit (e.g. k=5 at stride 1) or a head's channels are not whole
-  lanes, one variadic reduce over the channels, all taps in one scalar pass.
-- d_channel_filter: sums by eights (8 rows, then 8 columns) when 1/8 of the
-  pixels fits, else unrolled blocks of up to BLOCK_PIXELS pixels, else one
-  scalar pass. `spatial_filter_method` and `channel_filter_method` say which.
+**The forward stores the filters once.** Each pass over the taps reads a
+spatial filter value for every channel and a channel filter value for every
+pixel. Left to itself, XLA fuses the filters' producers (in a network, the
+tail of FilterNorm) into the forward's loop and recomputes them at every
+read. `_stored_filters` prevents that with a construct XLA does not fuse into
+the loops that read it, a dot: an exact product with the K x K identity.
+`lax.optimization_barrier` would say the same more plainly, but XLA:CPU
+removes barriers before it fuses. The backward reads the filters as given:
+the same product there made XLA:CPU hold more temporaries than the op's
+memory budget (at most 4x the bytes of x) allows. The measured costs are in
+BENCHMARKS.md.
 
-At x (8, 56, 56, 64) float32 on a 2-core x86 CPU (jax 0.10.2) the jitted
-forward+backward (vjp with a random cotangent) costs about 3.3x the forward at
-k=3, stride 1, against 12x for the former `lax.scan` over taps; the measured
-numbers, for k=5 and stride 2 too, are in BENCHMARKS.md.
-
-No dot is used, so float32 inputs never run at reduced (TF32) precision on a
-GPU. The constants were tuned on the CPU. The same code runs on GPUs, but
-nobody has measured it there yet.
+The identity products are the only dots, taken at the highest precision, so
+float32 inputs never run at reduced (TF32) precision on a GPU. The constants
+were tuned on the CPU. The same code runs on GPUs, but it has not been timed
+there.
 """
 
 from __future__ import annotations
@@ -155,6 +155,22 @@ def _per_channel(spatial_tap: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(spatial_tap, channels // heads, axis=-1)
 
 
+def _stored_filters(channel_filter, spatial_filter, acc):
+    """The filters in the accumulation dtype, as arrays XLA must store: cf as (N, K, C), sf as given.
+
+    Both are products with the K x K identity, exact (each output element is
+    1 * value plus 0 * the other values). XLA does not fuse a dot into the
+    loops that read it, so the filters' producers run once instead of once per
+    channel (sf) or per pixel (cf) in every pass over the taps. The transposed
+    cf is read contiguously along C.
+    """
+    eye = jnp.eye(channel_filter.shape[-1], dtype=acc)
+    highest = lax.Precision.HIGHEST  # exact on GPUs too (no TF32 rounding)
+    cf = jnp.einsum("nct,tk->nkc", channel_filter.astype(acc), eye, precision=highest)
+    sf = jnp.einsum("nijgt,tk->nijgk", spatial_filter.astype(acc), eye, precision=highest)
+    return cf, sf
+
+
 def _stacked_groups(items: list) -> list[list]:
     """Splits items into the fewest nearly equal groups of at most MAX_FUSED_STACK."""
     if not items:
@@ -207,11 +223,10 @@ def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     _, out_h, out_w, _, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype)
     xp = _padded_input(x, config, out_h, out_w)
-    sf = spatial_filter.astype(acc)
-    cf = channel_filter.astype(acc)
+    cf, sf = _stored_filters(channel_filter, spatial_filter, acc)
     out = jnp.zeros((n, out_h, out_w, c), acc)
     for t, dy, dx in config.tap_offsets():
-        weight = combine_filters(_per_channel(sf[..., t], c), cf[:, None, None, :, t], config.combine)
+        weight = combine_filters(_per_channel(sf[..., t], c), cf[:, None, None, t, :], config.combine)
         out = out + _window(xp, config, dy, dx, out_h, out_w).astype(acc) * weight
     return out.astype(x.dtype)
 
