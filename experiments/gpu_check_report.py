@@ -281,7 +281,7 @@ def final_table(smoke, tests: dict, op_rows: list, model_rows: list, timm) -> st
 
 
 def goals(op_rows: list, model_rows: list, timm) -> list[str]:
-    """The issue's GPU goals, each as measured in this run (a ratio, and whether it is met)."""
+    """The GPU goals (BENCHMARKS.md), each as measured in this run: a ratio, and whether it is met."""
     out = []
     goal = _goal_rows(op_rows)
     for impl in ("xla", "pallas_triton", "jax_triton"):

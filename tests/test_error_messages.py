@@ -128,6 +128,21 @@ def test_unreadable_official_checkpoint_names_the_file(tmp_path, content):
         ddf_models.load_official_checkpoint(model, tmp_path / "missing.npz")
 
 
+@pytest.mark.parametrize("name", ["config.json", "result.json"])
+@pytest.mark.parametrize("content", [b"{truncated", b"[1, 2]", b"\xff\xfe"])
+def test_damaged_run_records_are_named(tmp_path, name, content):
+    from experiments.common import run_dir
+
+    config = {"model": "resnet20_cifar", "seed": 0}
+    run_dir.prepare_run_dir(str(tmp_path), config)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(errors.RunDirDamagedError, match=f"{name}: expected a JSON object"):
+        run_dir.prepare_run_dir(str(tmp_path), config)
+    # --overwrite deletes the damaged record with the rest of the run.
+    assert run_dir.prepare_run_dir(str(tmp_path), config, overwrite=True) is None
+    assert run_dir.read_result(str(tmp_path)) is None
+
+
 def test_python_lists_given_to_ddf_are_named_without_repeating_them():
     x = np.random.default_rng(0).normal(size=(1, 60, 60, 8))
     cf = np.ones((1, 8, 9), np.float32)
@@ -140,7 +155,7 @@ def test_python_lists_given_to_ddf_are_named_without_repeating_them():
 
 
 def test_both_command_lines_report_user_errors_alike(tmp_path, monkeypatch):
-    """Issue 14.4: one shared command line; a user error is one 'error:' line, exit status 1."""
+    """Both experiments share one command line: a user error is one 'error:' line, exit status 1."""
     from experiments.classification import main as classification_main
     from experiments.common import cli
     from experiments.joint_upsampling import main as joint_main

@@ -307,7 +307,7 @@ def test_train_and_evaluate_one_step_writes_results(tmp_path):
     metrics = [json.loads(line) for line in open(tmp_path / "ddf_up_net_x2" / "metrics.jsonl")]
     assert {"loss", "rmse", "bilinear_rmse"} <= set(metrics[0])
     # A rerun reloads the finished run: same results, and the timings of the run that
-    # trained are kept (they were overwritten by the rerun's, issue 12.6).
+    # trained are kept, not replaced by the rerun's.
     assert train.train_and_evaluate(config, str(tmp_path)) == results
     again = json.loads((tmp_path / "details.json").read_text())
     assert again["seconds"] == details["seconds"] and again["networks"] == details["networks"]

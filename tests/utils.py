@@ -31,8 +31,7 @@ def random_ddf_inputs(seed, n, h, w, c, k, stride=1, heads=None, dtype=np.float3
 
 
 # XLA CPU options that cut the compile time of test functions (most of all the
-# unrolled taps of interpret-mode kernels) to about 40% on this jaxlib:
-# optimisation level 0, no expensive LLVM passes, the elemental emitters
+# unrolled taps of interpret-mode kernels): optimisation level 0, no expensive LLVM passes, the elemental emitters
 # instead of the fusion emitters, one codegen thread. They change how the
 # code is generated, not what it computes.
 _FAST_CPU_COMPILE = {

@@ -35,5 +35,9 @@ class DataChangedError(ExperimentError, ValueError):
     """The training data differ from those the checkpoint's data position refers to."""
 
 
+class RunDirDamagedError(ExperimentError, ValueError):
+    """A run directory's own record (config.json, result.json; named in the message) is unreadable."""
+
+
 class DistributedStartupError(ExperimentError, RuntimeError):
     """The processes of a multi-host run could not start together (coordinator, configs)."""

@@ -23,7 +23,7 @@ import jax
 
 from experiments.common import sharding
 from experiments.common.checkpoint import CHECKPOINT_DIR
-from experiments.common.errors import ConfigMismatchError, RunFinishedError
+from experiments.common.errors import ConfigMismatchError, RunDirDamagedError, RunFinishedError
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
@@ -75,15 +75,32 @@ def read_result(run_dir: str) -> Optional[dict[str, Any]]:
     path = os.path.join(run_dir, RESULT_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object stored in `path`; RunDirDamagedError naming the file otherwise."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunDirDamagedError(
+            f"{path}: expected a JSON object written by a previous run, but it cannot be read ({error}); "
+            "move the run directory aside or pass --overwrite to start the run afresh"
+        ) from error
+    if not isinstance(payload, dict):
+        raise RunDirDamagedError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
 
 
 def _write_json_atomic(path: str, payload: Any) -> None:
+    """Writes `path` whole or not at all: a flushed, synced temporary file renamed into place."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -129,8 +146,7 @@ def prepare_run_dir(
     config_path = os.path.join(run_dir, CONFIG_FILE)
     stored_config = None
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            stored_config = json.load(f)
+        stored_config = _read_json_object(config_path)
     result = read_result(run_dir)
     if stored_config is not None:
         diffs = config_differences(stored_config, config, run_control_keys)
