@@ -44,9 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
             "encoder_layers": 2,
             "kernel_size": 3,
             # True: DDF-Up also reads the pixel-unshuffled output-resolution guide
-            # (measured: no better than the stride-2 pyramid alone; see README).
+            # (no better than the stride-2 pyramid alone on the Middlebury image; README).
             "guide_unshuffle": False,
-            # DDF-Up output + bilinear x2 of its input (measured better; see README).
+            # DDF-Up output + bilinear x2 of its input (chosen on the Middlebury image; README).
             "bilinear_skip": True,
             # Disparities are divided by this inside the network (pixels here;
             # use about 4 for NYU depth in metres).
