@@ -1,8 +1,7 @@
 """Tuned launch configurations of the GPU kernels: a read-only lookup in `tuning_table.json`.
 
-`experiments/autotune.py` writes the table on a GPU; each implementation's
-`BlockSizes.get_default` asks `lookup` first and falls back on the heuristic
-written beside its kernels. The table ships in the wheel as package data.
+`experiments/autotune.py` writes the table on a GPU; `common.BlockSizes.get_default`
+asks `lookup` first and falls back on the one heuristic, `common.BlockSizes.heuristic`. The table ships in the wheel as package data.
 Format (version 1):
 
     {
@@ -69,12 +68,25 @@ def read_table(path: pathlib.Path) -> dict:
         data = json.loads(pathlib.Path(path).read_text())
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version must be {FORMAT_VERSION}, got {data.get('format_version')!r}")
+        from .common import LaunchConfig  # the launch options' one check (common imports this module)
+
         devices = {}
         for kind, device in data["devices"].items():
-            devices[kind] = {
-                tuple(entry[name] for name in KEY_FIELDS): {role: list(entry[role]) for role in ROLES}
-                for entry in device["entries"]
-            }
+            devices[kind] = {}
+            for index, entry in enumerate(device["entries"]):
+                where = f"devices[{kind!r}].entries[{index}]"
+                for role in ROLES:
+                    try:
+                        if not isinstance(entry[role], list) or len(entry[role]) != 4:
+                            raise ValueError("expected a list of 4 ints")
+                        LaunchConfig(*entry[role])
+                    except (ValueError, TypeError) as error:
+                        raise ValueError(
+                            f"{where}.{role} must be [block_pixels, block_channels, num_warps, num_stages], "
+                            f"got {entry[role]!r}: {error}"
+                        ) from None
+                key = tuple(entry[name] for name in KEY_FIELDS)
+                devices[kind][key] = {role: list(entry[role]) for role in ROLES}
         return devices
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a DDF tuning table ({type(error).__name__}: {error})") from None

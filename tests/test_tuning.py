@@ -165,6 +165,13 @@ def test_broken_table_is_an_error_that_names_the_file(table):
         tuning.lookup(("pallas_triton", 16, 256, 256, 9))
 
 
+@pytest.mark.parametrize("forward", [[64, 48, 4, 1], [64, 32, 4], [64, 32, 4, 0]])
+def test_invalid_launch_entry_is_named_when_the_table_is_read(table, forward):
+    path = table({"NVIDIA H200": [entry("pallas_triton", forward, [128, 16, 4, 1])]})
+    with pytest.raises(ValueError, match=rf"{path}: .*devices\['NVIDIA H200'\]\.entries\[0\]\.forward must be"):
+        tuning.read_table(path)
+
+
 def test_shipped_table_is_valid_and_packaged():
     assert tuning.read_table(tuning.TABLE_PATH) == {}  # no GPU run has tuned anything yet
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
