@@ -42,9 +42,19 @@ def check_implementation(implementation: Implementation) -> Implementation:
 
     Raises:
         ValueError: a string that is not an implementation name.
-        TypeError: neither None, a string nor a callable.
+        TypeError: neither None, a string nor a callable, or an unhashable
+            callable.
     """
-    if implementation is None or callable(implementation):
+    if implementation is None:
+        return implementation
+    if callable(implementation):
+        try:
+            hash(implementation)
+        except TypeError:
+            raise TypeError(
+                f"implementation must be hashable when it is an op (it is a static argument of the "
+                f"op's jit), got an unhashable {type(implementation).__name__}"
+            ) from None
         return implementation
     if isinstance(implementation, str):
         if implementation not in IMPLEMENTATIONS:
@@ -182,8 +192,9 @@ def ddf(
     Raises:
         ValueError: bad kernel_size, stride, dilation, combine, implementation
             or shapes.
-        TypeError: non-integer static arguments, non-floating arrays, or an
-            implementation that is neither None, a name nor a callable.
+        TypeError: non-integer static arguments, arguments that are not
+            arrays (Python lists), non-floating arrays, or an implementation
+            that is neither None, a name nor a hashable callable.
         ddf_jax.kernels.ImplementationUnavailable: the implementation cannot
             run on this platform.
 

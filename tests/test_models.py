@@ -380,6 +380,8 @@ def test_bad_constructor_arguments():
         models.ResNet("wide", (1,), widths=(8,), rngs=rngs)
     with pytest.raises(ValueError, match="stem must be one of"):
         models.ResNet("basic", (1,), widths=(8,), stem="tiny", rngs=rngs)
+    with pytest.raises(ValueError, match=r"conv2 must be one of \('conv', 'ddf_mul', 'ddf_add'\), got 'ddf_mull'"):
+        models.Bottleneck(8, 4, norm=None, conv2="ddf_mull", rngs=rngs)
     with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
         models.ResNet("basic", (1,), widths=(8,), num_classes=0, rngs=rngs)
     with pytest.raises(TypeError, match="layers"):

@@ -551,6 +551,14 @@ def test_an_op_as_implementation_is_called_with_the_configuration():
 # Errors.
 
 
+class _UnhashableOp:
+    """A callable op that cannot be a static argument of jit."""
+
+    __hash__ = None
+
+    def __call__(self, x, channel_filter, spatial_filter, config):
+        raise AssertionError("never called")
+
 @pytest.mark.parametrize(
     "make, error, match",
     [
@@ -567,6 +575,7 @@ def test_an_op_as_implementation_is_called_with_the_configuration():
         (lambda r: DDF(8, combine="sum", rngs=r), ValueError, "combine"),
         (lambda r: DDF(8, implementation="cuda", rngs=r), ValueError, "implementation must be one of .* 'cuda'"),
         (lambda r: DDF(8, implementation=3, rngs=r), TypeError, "implementation must be one of .* type int"),
+        (lambda r: DDF(8, implementation=_UnhashableOp(), rngs=r), TypeError, "implementation must be hashable"),
         (lambda r: DDFUp(8, implementation="XLA", rngs=r), ValueError, "implementation must be one of .* 'XLA'"),
         (lambda r: DDF(0, rngs=r), ValueError, "in_features"),
         (lambda r: DDFUp(8, scale=0, rngs=r), ValueError, "scale must be >= 1"),

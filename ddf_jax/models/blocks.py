@@ -145,6 +145,8 @@ class Bottleneck(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if conv2 not in CONV2_KINDS:
+            raise ValueError(f"conv2 must be one of {CONV2_KINDS}, got {conv2!r}")
         width = planes
         out_features = planes * self.expansion
         self.conv1 = conv_layer(in_features, width, 1, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
