@@ -33,6 +33,11 @@ fused loops.
 - d_channel_filter[n, c, t] = sum over output pixels of `grad_out * window_t`
   (times sf[..., t] for "mul").
 
+All three passes read the cotangent from one zero-padded copy, the one the
+dx gather needs. Read directly, grad_out's producer (in a network, the
+backward of the next layer: a BatchNorm, an activation) would be fused into
+every pass at every tap and recomputed k*k times over.
+
 **Why the filter gradients are summed in stages.** XLA:CPU (jax 0.10.2) emits a
 reduction of a fused expression as a scalar loop (no fast-math
 reassociation), and its vectorised YNNPACK reductions take only operands
@@ -51,6 +56,9 @@ run at the speed of an elementwise loop:
 Each filter gradient uses the fastest form whose first partial sum fits a
 budget of temporaries, else one scalar pass: `spatial_filter_method` and
 `channel_filter_method` decide, and their docstrings give the rules.
+When both use sums by eights, the channel filter's reads of x depend (through
+an added zero) on the finished spatial filter gradient, so that XLA schedules
+the two one after the other and never holds both first partials at once.
 
 **The forward stores the filters once.** Each pass over the taps reads a
 spatial filter value for every channel and a channel filter value for every
@@ -158,8 +166,10 @@ def _per_channel(spatial_tap: jax.Array, channels: int) -> jax.Array:
 def _stored_filters(channel_filter, spatial_filter, acc):
     """The filters in the accumulation dtype, as arrays XLA must store: cf as (N, K, C), sf as given.
 
-    Both are products with the K x K identity, exact (each output element is
-    1 * value plus 0 * the other values). XLA does not fuse a dot into the
+    Both are products with the K x K identity, exact for finite filters (each
+    output element is 1 * value plus 0 * the other values; an inf or NaN tap
+    makes the other taps of its filter NaN, where the output is non-finite
+    anyway). XLA does not fuse a dot into the
     loops that read it, so the filters' producers run once instead of once per
     channel (sf) or per pixel (cf) in every pass over the taps. The transposed
     cf is read contiguously along C.
@@ -169,6 +179,12 @@ def _stored_filters(channel_filter, spatial_filter, acc):
     cf = jnp.einsum("nct,tk->nkc", channel_filter.astype(acc), eye, precision=highest)
     sf = jnp.einsum("nijgt,tk->nijgk", spatial_filter.astype(acc), eye, precision=highest)
     return cf, sf
+
+
+def _zero_after(a: jax.Array) -> jax.Array:
+    """A scalar 0 that XLA can only compute once `a` is computed (finite or not)."""
+    first = a.reshape(-1)[0]
+    return jnp.where(jnp.isfinite(first), first, 0) * 0
 
 
 def _stacked_groups(items: list) -> list[list]:
@@ -231,14 +247,23 @@ def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     return out.astype(x.dtype)
 
 
-def _input_gradient(g, sf, cf, config: DDFConfig, h: int, w: int, acc) -> jax.Array:
-    """dx (N, H, W, C): per input stride phase, a fused sum of windows of padded g and sf."""
-    n, out_h, out_w, c = g.shape
+def _cotangent_padding(config: DDFConfig) -> tuple[int, int]:
+    """Rows (and columns) of zeros before and after grad_out that the dx gather reads.
+
+    Phase (py, px), tap (dy, dx) reads output row a + (py - dy) / s for input
+    row a*s + py, and (py - dy) // s lies in [-ceil(m/s), (m + s - 1) // s].
+    """
     s, m = config.stride, config.radius * config.dilation
-    # Phase (py, px), tap (dy, dx) reads output row a + (py - dy) / s for input row a*s + py;
-    # (py - dy) // s lies in [-ceil(m/s), (m + s - 1) // s].
-    before, after = -(-m // s), (m + s - 1) // s
-    gp = _pad_hw(g, before, after, before, after)
+    return -(-m // s), (m + s - 1) // s
+
+
+def _input_gradient(gp, sf, cf, config: DDFConfig, h: int, w: int, acc) -> jax.Array:
+    """dx (N, H, W, C) from gp, grad_out padded by `_cotangent_padding`: per input
+    stride phase, a fused sum of windows of gp and sf."""
+    s = config.stride
+    before, after = _cotangent_padding(config)
+    n, c = gp.shape[0], gp.shape[3]
+    out_h, out_w = gp.shape[1] - before - after, gp.shape[2] - before - after
     phases = []
     for py in range(s):
         row = []
@@ -392,10 +417,21 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
     _, out_h, out_w, heads, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
     cf = channel_filter.astype(acc)
-    dx = _input_gradient(grad_out, spatial_filter, cf, config, h, w, acc)
+    # Every pass reads the cotangent from one padded copy (which the dx gather
+    # needs anyway). Read directly, the cotangent's producer (in a network, a
+    # BatchNorm backward, say) would be fused into every pass and every tap.
+    before, after = _cotangent_padding(config)
+    gp = _pad_hw(grad_out, before, after, before, after)
     xp = _padded_input(x, config, out_h, out_w)
-    d_spatial = _spatial_filter_gradient(xp, grad_out, cf, config, heads, x.size, acc)
-    d_channel = _channel_filter_gradient(xp, grad_out, spatial_filter, config, x.size, acc)
+    interior = (slice(None), slice(before, before + out_h), slice(before, before + out_w))
+    d_spatial = _spatial_filter_gradient(xp, gp[interior], cf, config, heads, x.size, acc)
+    if channel_filter_method(grad_out.shape, config.kernel_size**2, x.size) == "eights":
+        # Its sums by eights read xp through a (numerically void) data dependence
+        # on the spatial filter gradient: XLA then schedules them after that
+        # gradient is done, and the two never hold their partial sums together.
+        xp = xp + _zero_after(d_spatial).astype(xp.dtype)
+    d_channel = _channel_filter_gradient(xp, gp[interior], spatial_filter, config, x.size, acc)
+    dx = _input_gradient(gp, spatial_filter, cf, config, h, w, acc)
     return dx, d_channel, d_spatial
 
 
