@@ -44,7 +44,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from ddf_jax import nn as _nn
-from ddf_jax.nn import Array, Dtype, Initializer, default_bias_init, default_kernel_init
+from ddf_jax._types import Array, Dtype, Initializer, default_bias_init, default_kernel_init
 from ddf_jax.ops import Implementation
 
 
