@@ -1,4 +1,4 @@
-"""Tests of the NNX layers (ddf_jax.nn), their Linen versions and count_params.
+"""Tests of the NNX layers (ddf_jax.nn): DDF and DDFUp against an independent reference.
 
 The module-level reference below is an independent float64 NumPy forward of the
 official modules (FilterNorm with the official formula, 1x1 / depthwise convs,
@@ -6,13 +6,10 @@ the channel MLP, and the loop reference of the op from tests/reference.py),
 fed with the parameters read from the NNX modules.
 """
 
-import dataclasses
 import doctest
-import inspect
 import math
 
 import chex
-import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +26,7 @@ import ddf_jax.linen
 import ddf_jax.nn
 import ddf_jax.utils
 from ddf_jax.kernels import DDFConfig, get_op
-from ddf_jax.nn import DDF, ChannelBranch, DDFUp, FilterNorm, SpatialBranch, standardize_filters
+from ddf_jax.nn import DDF, DDFUp, FilterNorm
 from tests.reference import ddf_reference
 
 GAIN = {"relu": math.sqrt(2.0), "linear": 1.0}
@@ -137,112 +134,6 @@ def _assert_close(actual, expected, rtol=2e-4):
     actual = np.asarray(actual, np.float64)
     atol = rtol * max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
-
-
-# ---------------------------------------------------------------------------
-# FilterNorm.
-
-
-def _official_filter_norm_jnp(filters):
-    """The official formula in jnp, to show its gradient is NaN on constant taps."""
-    taps = filters.shape[-1]
-    centred = filters - filters.mean(-1, keepdims=True)
-    std = jnp.sqrt(jnp.sum(centred**2, -1, keepdims=True) / (taps - 1))
-    return centred / (std + 1e-10)
-
-
-@pytest.mark.parametrize("nonlinearity, kernel_size", [("relu", 3), ("linear", 5)])
-def test_spatial_filter_norm_zero_mean_and_std(nonlinearity, kernel_size):
-    branch = _random_module(SpatialBranch, 6, kernel_size, stride=2, heads=3, nonlinearity=nonlinearity)
-    filters = np.asarray(_call(branch, _normal(1, (2, 7, 6, 6))), np.float64)
-    assert filters.shape == (2, 4, 3, 3, kernel_size**2)
-    np.testing.assert_allclose(filters.mean(-1), 0.0, atol=1e-6)
-    np.testing.assert_allclose(filters.std(-1, ddof=1), GAIN[nonlinearity] / kernel_size, rtol=1e-5)
-
-
-def test_filter_norm_matches_official_formula():
-    filters = _normal(0, (3, 4, 5, 9)) * 0.7 + 0.2
-    expected = np_filter_norm(np.asarray(filters, np.float64), 1.0)
-    np.testing.assert_allclose(np.asarray(standardize_filters(filters)), expected, rtol=2e-6, atol=1e-6)
-    norm = FilterNorm(3, nonlinearity="linear")
-    np.testing.assert_allclose(np.asarray(norm(filters)), expected / 3, rtol=2e-6, atol=1e-6)
-
-
-def test_filter_norm_gradient_finite_on_constant_taps():
-    # Rows 1 and 2 have all taps equal (values whose mean is exact in float32).
-    filters = _normal(0, (4, 9)).at[1].set(0.0).at[2].set(0.5)
-    weights = _normal(1, (4, 9))
-
-    def loss(f, norm_fn):
-        return jnp.sum(norm_fn(f) * weights)
-
-    grad = np.asarray(jax.grad(loss)(filters, standardize_filters))
-    assert np.isfinite(grad).all()
-    np.testing.assert_array_equal(grad[1:3], 0.0)
-    np.testing.assert_array_equal(np.asarray(standardize_filters(filters))[1:3], 0.0)
-    # The official formula: the same value, but a NaN gradient on the constant rows.
-    official_grad = np.asarray(jax.grad(loss)(filters, _official_filter_norm_jnp))
-    assert np.isnan(official_grad[1]).all() and np.isnan(official_grad[2]).all()
-    # Elsewhere the gradients agree.
-    np.testing.assert_allclose(grad[[0, 3]], official_grad[[0, 3]], rtol=1e-5, atol=1e-6)
-    # Through a whole layer: a zero input pixel with equal spatial biases gives constant taps.
-    layer = _random_module(DDF, 6, se_ratio=0.5)
-    layer.spatial_branch.conv.bias[...] = jnp.full(layer.spatial_branch.conv.bias.shape, 0.25)
-    x = _normal(2, (2, 7, 6, 6)).at[:, 2, 3, :].set(0.0)
-    sf = np.asarray(_call(layer.spatial_branch, x))
-    np.testing.assert_array_equal(sf[:, 2, 3], 0.0)
-    for leaf in jax.tree.leaves(_param_grads(layer, x)):
-        assert np.isfinite(np.asarray(leaf)).all()
-
-
-def test_filter_norm_float64_gradients():
-    with jax.enable_x64(True):
-        filters = _normal(0, (3, 2, 9), jnp.float64)
-        check_grads(jax.jit(standardize_filters), (filters,), order=2, modes=("rev",), eps=1e-4)
-
-
-def test_filter_norm_kernel_size_one():
-    filters = _normal(0, (2, 3, 3, 2, 1))
-    out = FilterNorm(1)(filters)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(filters) * math.sqrt(2.0), rtol=1e-6)
-    norm = FilterNorm(1, filter_type="channel", features=3, rngs=nnx.Rngs(0))
-    cf = _normal(1, (2, 3, 1))
-    np.testing.assert_allclose(np.asarray(norm(cf)), np.asarray(cf) * np.asarray(norm.scale[...])[None, :, None])
-    # A 1x1 DDF is a dynamic gate x * spatial * channel, with finite gradients.
-    layer = _random_module(DDF, 6, 1, se_ratio=0.5)
-    x = _normal(2, (2, 7, 6, 6))
-    _assert_close(_call(layer, x), np_ddf(x, layer, 1, 1, 1, 1, "mul", "relu"))
-    for leaf in jax.tree.leaves(_param_grads(layer, x)):
-        assert np.isfinite(np.asarray(leaf)).all()
-
-
-def test_channel_filter_norm_scale_init_and_indexing():
-    features, kernel_size = 64, 3
-    norm = FilterNorm(kernel_size, filter_type="channel", features=features, rngs=nnx.Rngs(0))
-    scale = np.asarray(norm.scale[...])
-    assert isinstance(norm.scale, nnx.Param) and scale.shape == (features * 9,)
-    # normal * gain / k: 576 samples, the std is within ~10% of sqrt(2)/3.
-    assert abs(scale.std() / (math.sqrt(2.0) / 3) - 1) < 0.1
-    assert abs(scale.mean()) < 0.05
-    # Scale entry c*K + t multiplies tap t of channel c.
-    filters = _normal(1, (2, features, 9))
-    ratio = np.asarray(norm(filters)) / np.asarray(standardize_filters(filters))
-    np.testing.assert_allclose(ratio, np.broadcast_to(scale.reshape(features, 9), ratio.shape), rtol=1e-5)
-    # The linear gain.
-    linear = FilterNorm(5, filter_type="channel", features=64, nonlinearity="linear", rngs=nnx.Rngs(1))
-    assert abs(np.asarray(linear.scale[...]).std() / 0.2 - 1) < 0.1
-
-
-def test_channel_branch_shapes():
-    branch = _random_module(ChannelBranch, 10, 5, se_ratio=0.25)
-    assert branch.fc1.kernel.shape == (10, 2) and branch.fc2.kernel.shape == (2, 250)
-    assert branch.norm.scale.shape == (250,)
-    out = _call(branch, _normal(1, (3, 7, 6, 10)))
-    assert out.shape == (3, 10, 25) and out.dtype == jnp.float32
-    # Dividing out the per-tap scale leaves standardised filters.
-    unscaled = np.asarray(out, np.float64) / np.asarray(branch.norm.scale[...]).reshape(10, 25)
-    np.testing.assert_allclose(unscaled.mean(-1), 0.0, atol=1e-4)
-    np.testing.assert_allclose(unscaled.std(-1, ddof=1), 1.0, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
@@ -614,130 +505,6 @@ def test_call_errors():
         guided(jnp.ones((1, 3, 3, 4)), jnp.ones((1, 3, 3, 4)))
     with pytest.raises(ValueError, match="taps"):
         FilterNorm(3)(jnp.ones((2, 3, 3, 1, 4)))
-
-
-# ---------------------------------------------------------------------------
-# Linen layers and count_params.
-
-
-# Linen init draws one key per parameter; the "unsafe_rbg" PRNG compiles much
-# faster on CPU than the default threefry, and randomness quality is irrelevant here.
-def _linen_key(seed):
-    return jax.random.key(seed, impl="unsafe_rbg")
-
-
-@pytest.mark.parametrize("linen_cls, nnx_cls", [(ddf_jax.linen.DDF, DDF), (ddf_jax.linen.DDFUp, DDFUp)])
-def test_linen_fields_are_the_nnx_arguments_in_order(linen_cls, nnx_cls):
-    fields = [f for f in dataclasses.fields(linen_cls) if f.name not in ("parent", "name")]
-    arguments = [p for p in inspect.signature(nnx_cls.__init__).parameters.values() if p.name not in ("self", "rngs")]
-    assert [f.name for f in fields] == [p.name for p in arguments]
-    for field, argument in zip(fields, arguments):
-        expected = dataclasses.MISSING if argument.default is inspect.Parameter.empty else argument.default
-        assert field.default is expected or field.default == expected, field.name
-
-
-def _linen_params(nnx_module):
-    return {"params": nnx.to_pure_dict(nnx.state(nnx_module, nnx.Param))}
-
-
-@pytest.mark.parametrize("guide_features", [None, 3])
-def test_linen_layers_give_the_nnx_outputs_and_gradients(guide_features):
-    """The same (random, non-zero) parameters give the NNX layer's outputs and gradients; positional == keyword."""
-    x = _normal(1, (2, 7, 5, 6))
-    if guide_features is None:
-        positional = ddf_jax.linen.DDF(6, 3, 2, 1, 2, 0.5)
-        keyword = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)
-        module = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
-        inputs = (x,)
-    else:
-        positional = ddf_jax.linen.DDFUp(6, 2, 3, 1, 2, 0.5, "mul", "linear", 3, guide_features)
-        keyword = ddf_jax.linen.DDFUp(in_features=6, heads=2, se_ratio=0.5, guide_features=guide_features)
-        module = _random_module(DDFUp, 6, heads=2, se_ratio=0.5, guide_features=guide_features)
-        inputs = (x, _normal(2, (2, 7, 5, guide_features)))
-    assert positional == keyword
-
-    # Linen's init makes the NNX layer's parameter tree: names, shapes and dtypes.
-    params = _linen_params(module)
-    chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(keyword.init, _linen_key(0), *inputs), params)
-
-    # The NNX layer's parameters in Linen give its outputs and its gradients.
-    def linen_loss(params):
-        out = positional.apply(params, *inputs)
-        return jnp.sum(jnp.sin(out)), out
-
-    def nnx_loss(module):
-        out = module(*inputs)
-        return jnp.sum(jnp.sin(out)), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(linen_loss, has_aux=True))(params)
-    (_, nnx_out), nnx_grads = nnx.jit(nnx.value_and_grad(nnx_loss, has_aux=True))(module)
-    chex.assert_trees_all_close(out, nnx_out, rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(grads["params"], nnx.to_pure_dict(nnx_grads), rtol=1e-5, atol=1e-6)
-
-
-def test_linen_model_init_apply_jit_and_grad():
-    class Model(linen.Module):
-        @linen.compact
-        def __call__(self, x):
-            y = linen.Conv(8, (3, 3))(x)
-            y = ddf_jax.linen.DDF(8)(y)
-            y = ddf_jax.linen.DDF(in_features=8, kernel_size=3, stride=2, heads=2, se_ratio=0.5)(linen.relu(y))
-            return ddf_jax.linen.DDFUp(8, 2)(y)
-
-    x = _normal(1, (2, 6, 5, 3))
-    model = Model()
-    variables = jax.jit(model.init)(_linen_key(2), x)
-    params = variables["params"]
-    assert set(params) == {"Conv_0", "DDF_0", "DDF_1", "DDFUp_0"}
-    assert params["DDF_0"]["spatial_branch"]["conv"]["kernel"].shape == (1, 1, 8, 9)
-    assert params["DDFUp_0"]["spatial_branches"][3]["depthwise"]["kernel"].shape == (3, 3, 1, 8)
-    expected_params = (
-        (3 * 3 * 3 * 8 + 8)
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(8, rngs=nnx.Rngs(0))))
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDF(8, heads=2, se_ratio=0.5, rngs=nnx.Rngs(0))))
-        + ddf_jax.count_params(nnx.eval_shape(lambda: DDFUp(8, 2, rngs=nnx.Rngs(0))))
-    )
-    assert ddf_jax.count_params(params) == expected_params
-
-    def loss(params, x):
-        out = model.apply({"params": params}, x)
-        return jnp.sum(jnp.sin(out)), out
-
-    (_, out), (grads, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-    assert out.shape == (2, 6, 6, 8) and np.isfinite(np.asarray(out)).all()
-    assert np.isfinite(np.asarray(dx)).all() and np.abs(np.asarray(dx)).max() > 0
-    # Every gradient is finite and every layer gets one. (With 8 channels and se_ratio=0.2
-    # a channel MLP has one hidden ReLU unit; if it is inactive for the whole batch, that
-    # branch pair rightly gets a zero gradient. The test above compares every gradient
-    # with the NNX layer's.)
-    for name, layer_grads in grads.items():
-        leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(layer_grads)]
-        assert all(np.isfinite(leaf).all() for leaf in leaves), name
-        assert max(np.abs(leaf).max() for leaf in leaves) > 0, name
-
-
-@pytest.mark.parametrize(
-    "layer, match",
-    [
-        (ddf_jax.linen.DDF(8, 4), "kernel_size must be odd"),
-        (ddf_jax.linen.DDF(8, implementation="cuda"), "implementation must be one of"),
-        (ddf_jax.linen.DDFUp(8, 0), "scale must be >= 1"),
-    ],
-)
-def test_linen_errors_name_the_field(layer, match):
-    with pytest.raises(ValueError, match=match):
-        layer.init(_linen_key(0), jnp.ones((1, 4, 4, 8)))
-
-
-def test_count_params_counts_only_params():
-    class WithStats(nnx.Module):
-        def __init__(self):
-            self.dense = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
-            self.stats = nnx.BatchStat(jnp.zeros(100))
-
-    assert ddf_jax.count_params(WithStats()) == 16
-    assert ddf_jax.count_params({"a": jnp.ones((2, 3)), "b": [jnp.ones(4)]}) == 10
-    assert ddf_jax.count_params({}) == 0
 
 
 def test_docstring_examples():
