@@ -38,25 +38,25 @@ Kernels:
 - `ddf_bwd_kernel`, the whole backward pass in one kernel, grid (output pixel
   tiles, G, N). A program owns BP output pixels and one head, and loops over
   the head's channels in steps of BC. Per step it
-  - writes dx for the input pixels its output pixels own: output pixel (i, j)
+  - writes dx (go is grad_out) for the input pixels its output pixels own: output pixel (i, j)
     owns the stride phases (i*s + a, j*s + b), 0 <= a, b < s. Tap t reaches
     phase (a, b) from output pixel (i + (a - dy_t) / s, j + (b - dx_t) / s)
     when both divisions are exact (known statically), so each phase is a
     gather over its own taps of
 
-        dx[n, y, x, c] = sum_t g[n, i_t, j_t, c] * comb(sf[n, i_t, j_t, g(c), t], cf[n, c, t])
+        dx[n, y, x, c] = sum_t go[n, i_t, j_t, c] * comb(sf[n, i_t, j_t, g(c), t], cf[n, c, t])
 
     with no atomics: every input pixel has exactly one owner;
   - loads grad_out at its own pixels once and, per tap, x_t once, and adds
     per pixel
 
-        dsf[n, i, j, g, t] = sum_{c in head g} g[n, i, j, c] * x_t[n, i, j, c] (* cf[n, c, t])
+        dsf[n, i, j, h, t] = sum_{c in head h} go[n, i, j, c] * x_t[n, i, j, c] (* cf[n, c, t])
 
     into one (BP, kp, kp) accumulator indexed [pixel, ky, kx] (kp =
     next_pow2(k)), written once at the end in the spatial filter's dtype;
   - writes per tap and channel the partial sum over its pixels of
 
-        dcf[n, c, t] = sum_{i, j} g[n, i, j, c] * x_t[n, i, j, c] (* sf[n, i, j, g(c), t])
+        dcf[n, c, t] = sum_{i, j} go[n, i, j, c] * x_t[n, i, j, c] (* sf[n, i, j, g(c), t])
 
     into the partials, which XLA sums over the tile axis afterwards: a
     deterministic two-stage reduction instead of atomics.

@@ -15,13 +15,14 @@ Memory layout (all arrays contiguous, row-major, NHWC):
     dcf_partials     (N, P, K, C)             P = number of output-pixel tiles; in the accumulation
                                               dtype: float32, or float64 when FP64
 
-Math, for r = (k - 1) // 2 and tap offsets dy_t = (ky - r)*d, dx_t = (kx - r)*d:
+Math, for r = (k - 1) // 2, tap offsets dy_t = (ky - r)*d, dx_t = (kx - r)*d, head
+g(c) = c // (C // G) and go = grad_out:
 
     out[n, i, j, c] = sum_t x[n, i*s + dy_t, j*s + dx_t, c] * comb(sf[n, i, j, g(c), t], cf[n, c, t])
-    dx[n, y, x, c]  = sum_t g[n, i, j, c] * comb(sf[n, i, j, g(c), t], cf[n, c, t])
+    dx[n, y, x, c]  = sum_t go[n, i, j, c] * comb(sf[n, i, j, g(c), t], cf[n, c, t])
                       over the taps with y = i*s + dy_t and x = j*s + dx_t for an output (i, j)
-    dsf[n, i, j, h, t] = sum_{c in head h} g[n, i, j, c] * x[n, i*s + dy_t, j*s + dx_t, c] (* cf[n, c, t])
-    dcf[n, c, t]       = sum_{i, j} g[n, i, j, c] * x[n, i*s + dy_t, j*s + dx_t, c] (* sf[n, i, j, g(c), t])
+    dsf[n, i, j, h, t] = sum_{c in head h} go[n, i, j, c] * x[n, i*s + dy_t, j*s + dx_t, c] (* cf[n, c, t])
+    dcf[n, c, t]       = sum_{i, j} go[n, i, j, c] * x[n, i*s + dy_t, j*s + dx_t, c] (* sf[n, i, j, g(c), t])
 
 (the factor in brackets only for comb = multiply), with x zero outside the image.
 
