@@ -337,6 +337,13 @@ def make_kernel_op(forward: ForwardFn, backward: BackwardFn, name: str):
     empty inputs, but under vmap over an axis of size 0 it sees the non-empty
     per-example shapes; the folded arrays are then empty, so the same guards
     are applied again after folding (a launch grid of 0 programs is invalid).
+
+    Args:
+        forward, backward: the implementation's pair, as for `make_ddf_op`.
+        name: the implementation's name, used for the function's `__name__`.
+
+    Returns:
+        The `jax.custom_vjp` op of `make_ddf_op`.
     """
     guarded_forward = skip_empty_forward(forward)
     guarded_backward = skip_empty_backward(backward)

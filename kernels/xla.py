@@ -234,7 +234,17 @@ def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def forward(x, channel_filter, spatial_filter, config: DDFConfig):
-    """DDF forward. See the module docstring for the layout."""
+    """DDF forward, the op's contract in `common` (layouts in the module docstring).
+
+    Args:
+        x: (N, H, W, C), float16/bfloat16/float32/float64.
+        channel_filter: (N, C, K).
+        spatial_filter: (N, Ho, Wo, G, K).
+        config: the static `DDFConfig`.
+
+    Returns:
+        (N, Ho, Wo, C) in x's dtype, accumulated in float32 (float64 for float64).
+    """
     n, _, _, c = x.shape
     _, out_h, out_w, _, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype)
@@ -412,7 +422,17 @@ def _channel_filter_gradient(xp, g, sf, config: DDFConfig, x_size: int, acc) -> 
 
 
 def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
-    """DDF backward: (dx, d_channel_filter, d_spatial_filter), in the accumulation dtype."""
+    """DDF backward, written out (see the module docstring).
+
+    Args:
+        x, channel_filter, spatial_filter, config: as for `forward`.
+        grad_out: (N, Ho, Wo, C), the cotangent of the output.
+
+    Returns:
+        (dx (N, H, W, C), d_channel_filter (N, C, K), d_spatial_filter
+        (N, Ho, Wo, G, K)), in the accumulation dtype (float32, or float64 for
+        float64); `common.make_ddf_op` casts each to its input's dtype.
+    """
     _, h, w, _ = x.shape
     _, out_h, out_w, heads, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
