@@ -371,8 +371,13 @@ def _spatial_filter_gradient(xp, g, cf, config: DDFConfig, heads: int, x_size: i
     return jnp.stack(_sum_reduce([s.reshape(n, out_h, out_w, heads, LANES) for s in sums], (4,)), axis=-1)
 
 
-def _channel_filter_gradient(xp, g, sf, config: DDFConfig, x_size: int, acc) -> jax.Array:
-    """d_channel_filter (N, C, K): per tap, the sum over output pixels of g * window_t (* sf_t)."""
+def _channel_filter_gradient(xp, g, sf, config: DDFConfig, x_size: int, acc, after=None) -> jax.Array:
+    """d_channel_filter (N, C, K): per tap, the sum over output pixels of g * window_t (* sf_t).
+
+    `after` (the spatial filter gradient, in `backward`): sums by eights start
+    only once it is computed, so that the two gradients' first partial sums are
+    never held at the same time.
+    """
     n, out_h, out_w, c = g.shape
     taps = config.tap_offsets()
 
@@ -384,6 +389,9 @@ def _channel_filter_gradient(xp, g, sf, config: DDFConfig, x_size: int, acc) -> 
         return term
 
     method = channel_filter_method(g.shape, len(taps), x_size)
+    if method == "eights" and after is not None:
+        # A (numerically void) data dependence: XLA schedules the reads of xp below after `after`.
+        xp = xp + _zero_after(after).astype(xp.dtype)
     if method == "eights":
         # Sums by eights: 8 rows, then 8 columns, then a short scalar sum.
         rows, cols = -(-out_h // 8), -(-out_w // 8)
@@ -445,12 +453,7 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
     xp = _padded_input(x, config, out_h, out_w)
     interior = (slice(None), slice(before, before + out_h), slice(before, before + out_w))
     d_spatial = _spatial_filter_gradient(xp, gp[interior], cf, config, heads, x.size, acc)
-    if channel_filter_method(grad_out.shape, config.kernel_size**2, x.size) == "eights":
-        # Its sums by eights read xp through a (numerically void) data dependence
-        # on the spatial filter gradient: XLA then schedules them after that
-        # gradient is done, and the two never hold their partial sums together.
-        xp = xp + _zero_after(d_spatial).astype(xp.dtype)
-    d_channel = _channel_filter_gradient(xp, gp[interior], spatial_filter, config, x.size, acc)
+    d_channel = _channel_filter_gradient(xp, gp[interior], spatial_filter, config, x.size, acc, after=d_spatial)
     dx = _input_gradient(gp, spatial_filter, cf, config, h, w, acc)
     return dx, d_channel, d_spatial
 
