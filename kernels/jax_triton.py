@@ -6,10 +6,11 @@ tiling and the bytes each moves); this module wires them into JAX:
 
 - each kernel is launched with `jax_triton.triton_call` (inputs first, then
   one pointer per output; every shape and option is a `tl.constexpr`);
-- forward and backward are wrapped in `jax.custom_batching.custom_vmap`, whose
-  rule folds a vmapped axis into the batch axis N (every image is independent,
-  so `vmap` gives exactly what a Python loop over the mapped axis gives);
-- `common.make_ddf_op` adds the `jax.custom_vjp`: residuals are the three
+- `common.make_kernel_op` (shared with the Pallas kernels) wraps forward and
+  backward in `jax.custom_batching.custom_vmap`, whose rule folds a vmapped
+  axis into the batch axis N (every image is independent, so `vmap` gives
+  exactly what a Python loop over the mapped axis gives), and adds the
+  `jax.custom_vjp` of `common.make_ddf_op`: residuals are the three
   inputs, and the backward pass is one fused kernel that writes dx,
   d_spatial_filter and per-pixel-tile partial sums of d_channel_filter in the
   accumulation dtype (float32, or float64 for float64 inputs), summed here by

@@ -30,6 +30,9 @@ it is never negative, the lanes past C are masked, and a clamp would hide its
 contiguity from Triton (which then loads element by element). Every load and
 store is masked.
 
+Under `jax.vmap` the op folds the mapped axis into N (`common.make_kernel_op`),
+so Pallas's own batching of the grid is never used.
+
 Kernels:
 
 - `ddf_fwd_kernel`, grid (output pixel tiles, channel tiles, N): accumulates
