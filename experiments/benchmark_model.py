@@ -56,7 +56,8 @@ def median_step_seconds(step, steps: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def measure(name, batch, size, dtype, steps, runs, implementation=None, modes=("train", "infer")) -> dict:
+def measure(name, batch, size, dtype, steps, runs, implementation=None, modes=("train", "infer"),
+            model_overrides=None) -> dict:
     """Seconds per train step and per inference forward of one registered model.
 
     Args:
@@ -66,12 +67,14 @@ def measure(name, batch, size, dtype, steps, runs, implementation=None, modes=("
         steps, runs: see `median_step_seconds`.
         implementation: the DDF implementation, for DDF models.
         modes: which of "train" and "infer" to measure.
+        model_overrides: more keyword arguments of `models.create_model`, e.g.
+            {"layers": (1,), "widths": (8,)} for a smaller variant.
 
     Returns:
         {"model", "implementation", "params", "train_s", "train_img_s", "infer_s", "infer_img_s"}
         (the entries of modes not measured are None).
     """
-    overrides = {"dtype": dtype}
+    overrides = {**(model_overrides or {}), "dtype": dtype}
     if name.startswith("ddf_"):
         overrides["implementation"] = implementation
     model = models.create_model(name, num_classes=1000, rngs=nnx.Rngs(0), **overrides)
@@ -124,6 +127,17 @@ def measure(name, batch, size, dtype, steps, runs, implementation=None, modes=("
     return result
 
 
+def json_object(text: str) -> dict:
+    """Parses a JSON object given on the command line (an argparse type)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def _ratio(value, base):
     return f"{value / base:.2f}x" if value and base else "-"
 
@@ -164,6 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
     parser.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
+    parser.add_argument("--model-overrides", type=json_object, default=None, metavar="JSON",
+                        help='more arguments of every model\'s constructor, e.g. \'{"layers": [1], "widths": [8]}\'')
     parser.add_argument("--budget-seconds", type=float, default=None, help="start no model after this long")
     parser.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
     parser.add_argument("--markdown", default=None, help="also append the table to this file")
@@ -195,7 +211,8 @@ def main(argv=None) -> int:
             break
         print(f"measuring {label} ...", file=sys.stderr, flush=True)
         try:
-            row = measure(name, args.batch, args.size, jnp.dtype(args.dtype), args.steps, args.runs, implementation, modes)
+            row = measure(name, args.batch, args.size, jnp.dtype(args.dtype), args.steps, args.runs, implementation, modes,
+                          args.model_overrides)
             row["status"] = "ok"
         except ddf_jax.ImplementationUnavailable as error:
             row = {"model": name, "implementation": implementation, "status": "unavailable",

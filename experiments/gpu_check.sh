@@ -38,7 +38,8 @@
 #
 # Environment: OUT (default gpu_check_out), PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default
 # 300; stage limits scale with it), GPU_CHECK_WHEELS (default .whl), GPU_CHECK_DRY_RUN=1 (CPU, tiny
-# shapes, the model stage with "xla" only: interpret-mode kernels in a whole model take minutes there).
+# shapes, the model stage with "xla" only: interpret-mode kernels in a whole model take minutes there;
+# its two CIFAR models cut to one stage of one 8-plane block, to compile in seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -134,7 +135,7 @@ if [ "$DRY" = 1 ]; then
   TEST_MARKS=(gpu gpu gpu)
   OP_ARGS=(--set dry --cache-mb 0 --copy-mb 8 --target-seconds 0.005)
   MODELS=resnet20_cifar,ddf_mul_resnet20_cifar
-  MODEL_ARGS=(--batch 2 --size 16 --steps 2 --runs 1)
+  MODEL_ARGS=(--batch 2 --size 16 --steps 2 --runs 1 --model-overrides '{"layers": [1], "widths": [8], "stem_width": 8}')
   TIMM_ARGS=(--batch 2 --size 32 --steps 1 --runs 1)
   MODEL_IMPLEMENTATIONS=xla
 else

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 import ddf_jax
+from ddf_jax import models
 from experiments import benchmark_model, benchmark_op, device_timing
 from experiments.benchmark_op import depthwise_conv, min_bytes, unfold_ddf
 from tests.utils import random_ddf_inputs
@@ -170,6 +173,24 @@ def test_model_benchmark_rejects_unknown_names():
         benchmark_model.main(["--models", "resnet5"])
     with pytest.raises(SystemExit):
         benchmark_model.main(["--implementation", "cuda"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1]", "must be a JSON object, got '[1]'"),
+    ("{layers: 1}", "not JSON"),
+])
+def test_model_benchmark_rejects_overrides_that_are_not_a_json_object(text, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark_model.main(["--model-overrides", text])
+    assert f"argument --model-overrides: {message}" in capsys.readouterr().err
+
+
+def test_model_overrides_reach_the_model():
+    small = {"layers": (1,), "widths": (4,), "stem_width": 4}
+    row = benchmark_model.measure("resnet20_cifar", 2, 8, jnp.float32, steps=1, runs=1, modes=("infer",),
+                                  model_overrides=small)
+    expected = ddf_jax.count_params(models.create_model("resnet20_cifar", rngs=nnx.Rngs(0), **small))
+    assert row["params"] == expected and row["infer_s"] > 0
 
 
 def test_torch_peer_train_step_runs_and_updates_the_model():
