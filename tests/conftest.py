@@ -1,11 +1,26 @@
-"""Test setup: 4 virtual CPU devices so that pmap and sharding run on a CPU machine."""
+"""Test setup: 4 virtual CPU devices so that pmap and sharding run on a CPU machine, and one
+compilation cache for the whole run.
+
+Many tests compile the same programs: a train step in every resume test, each
+experiment again in every process it starts. JAX's persistent compilation cache,
+in a fresh folder that the pytest-xdist workers and every process they start
+share, compiles each program once per run. It is removed at the end of the run;
+a JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
+"""
 
 import os
+import shutil
+import tempfile
 
-# Must happen before JAX initialises its backends.
+# Must happen before JAX is imported (it reads its configuration then) and initialises its backends.
 _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # Set here in the controlling process; the workers inherit it and find it set.
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddf_jax_tests_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import pytest  # noqa: E402
 
@@ -22,3 +37,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    """Removes the compilation cache this process created (the workers' runs have ended by then)."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
