@@ -35,7 +35,7 @@ PARAM_COUNTS = {
     "resnet152": 60_192_808,
     "ddf_mul_resnet152": 37_462_900,
 }
-# Building the 101/152-layer models, even abstractly, takes several seconds each on 2 CPU cores.
+# Building and tracing the 101/152-layer models takes seconds each on 2 CPU cores.
 BIG = ("101", "152")
 
 
@@ -44,9 +44,15 @@ def _slow_if_big(name):
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_model(name, num_classes=1000):
-    """The model built with `nnx.eval_shape`: shapes only, nothing allocated (cached)."""
-    return nnx.eval_shape(lambda: models.create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0)))
+def built_model(name, num_classes=1000):
+    """The model, initialised (cached).
+
+    Built for real: under `nnx.eval_shape` each draw from `nnx.Rngs` costs time
+    proportional to the layers traced so far (flax 0.12.8 asks the traced counter
+    for its sharding, and JAX's error message for that walks the whole trace), so
+    a 152-layer model builds several times faster for real.
+    """
+    return models.create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0))
 
 
 def eval_output_shapes(model, input_shape):
@@ -110,7 +116,7 @@ CIFAR_MODELS = sorted(n for n in EXPECTED_MODELS if n.endswith("_cifar"))
 
 @pytest.mark.parametrize("name", [_slow_if_big(n) for n in IMAGENET_MODELS])
 def test_every_imagenet_model_builds_and_traces(name):
-    model = abstract_model(name)
+    model = built_model(name)
     logits, features = eval_output_shapes(model, (2, 64, 64, 3))
     assert logits.shape == (2, 1000)
     expansion = 1 if name in ("resnet18", "resnet34") else 4
@@ -152,7 +158,7 @@ def test_every_cifar_model_runs_a_real_forward(name):
 
 
 def test_odd_input_sizes_round_up():
-    logits, features = eval_output_shapes(abstract_model("ddf_mul_resnet26"), (1, 57, 45, 3))
+    logits, features = eval_output_shapes(built_model("ddf_mul_resnet26"), (1, 57, 45, 3))
     assert logits.shape == (1, 1000)
     assert features["stem"].shape[1:3] == (15, 12)
     assert features["stage4"].shape[1:3] == (2, 2)
@@ -164,12 +170,12 @@ def test_odd_input_sizes_round_up():
 
 @pytest.mark.parametrize("name", [_slow_if_big(n) for n in PARAM_COUNTS])
 def test_exact_parameter_counts(name):
-    assert ddf_jax.count_params(abstract_model(name)) == PARAM_COUNTS[name]
+    assert ddf_jax.count_params(built_model(name)) == PARAM_COUNTS[name]
 
 
 def test_ddf_and_add_variants_share_parameter_layout():
-    mul = nnx.state(abstract_model("ddf_mul_resnet50"), nnx.Param)
-    add = nnx.state(abstract_model("ddf_add_resnet50"), nnx.Param)
+    mul = nnx.state(built_model("ddf_mul_resnet50"), nnx.Param)
+    add = nnx.state(built_model("ddf_add_resnet50"), nnx.Param)
     assert jax.tree.map(lambda v: v.shape, mul) == jax.tree.map(lambda v: v.shape, add)
 
 
@@ -183,7 +189,7 @@ def test_ddf_and_add_variants_share_parameter_layout():
     ],
 )
 def test_macs_at_224(name, expected):
-    macs = ddf_jax.count_macs(abstract_model(name), (1, 224, 224, 3))
+    macs = ddf_jax.count_macs(built_model(name), (1, 224, 224, 3))
     assert abs(macs - expected) / expected < 0.03, macs
 
 
@@ -362,7 +368,7 @@ def test_bad_implementation_fails_when_the_model_is_built():
 
 
 def test_in_chans_and_num_classes_overrides_and_input_check():
-    model = abstract_model("resnet26", 7)
+    model = built_model("resnet26", 7)
     assert eval_output_shapes(model, (1, 32, 32, 3))[0].shape == (1, 7)
     gray = nnx.eval_shape(lambda: models.create_model("resnet26", in_chans=1, rngs=nnx.Rngs(0)))
     assert gray.conv1.kernel.shape == (7, 7, 1, 64)
