@@ -22,7 +22,8 @@ and the semantics
 with x zero outside the image and comb = multiply ("mul") or add ("add").
 
 `make_ddf_op` turns such a pair into a `jax.custom_vjp` function. Residuals are
-the three inputs; nothing else is saved. Gradients come back in each input's
+the three inputs (the filters as an implementation's `store_filters` hook
+returns them, if it has one); nothing else is saved. Gradients come back in each input's
 own dtype. Arguments reaching an implementation are already validated by
 `ddf_jax.ops.ddf`, and are never empty: when x, a filter or the output has no
 elements, `make_ddf_op` returns zeros (and zero gradients) of the right shapes
@@ -39,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -262,7 +263,7 @@ def skip_empty_backward(backward: BackwardFn) -> BackwardFn:
     return guarded
 
 
-def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str):
+def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str, store_filters: Optional[Callable] = None):
     """Wraps an implementation's forward and backward in one `jax.custom_vjp`.
 
     When x, a filter or the output has no elements (`is_empty`), neither
@@ -274,6 +275,12 @@ def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str):
         backward: `backward(x, channel_filter, spatial_filter, grad_out, config)
             -> (dx, d_channel_filter, d_spatial_filter)`.
         name: the implementation's name, used for the function's `__name__`.
+        store_filters: optional `store_filters(channel_filter, spatial_filter)
+            -> (channel_filter, spatial_filter)`: the same values, shapes and
+            dtypes, in arrays that the compiler must store. The forward reads
+            them, and they are the residuals the backward reads, so that the
+            filters' producers (in a network, FilterNorm) run once instead of
+            being recomputed inside the passes that read the filters.
 
     Returns:
         `op(x, channel_filter, spatial_filter, config) -> out`, differentiable in
@@ -282,11 +289,14 @@ def make_ddf_op(forward: ForwardFn, backward: BackwardFn, name: str):
     forward = skip_empty_forward(forward)
     backward = skip_empty_backward(backward)
 
+    store = store_filters or (lambda channel_filter, spatial_filter: (channel_filter, spatial_filter))
+
     @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
     def op(x, channel_filter, spatial_filter, config):
-        return forward(x, channel_filter, spatial_filter, config)
+        return forward(x, *store(channel_filter, spatial_filter), config)
 
     def op_fwd(x, channel_filter, spatial_filter, config):
+        channel_filter, spatial_filter = store(channel_filter, spatial_filter)
         out = forward(x, channel_filter, spatial_filter, config)
         return out, (x, channel_filter, spatial_filter)
 

@@ -60,17 +60,16 @@ When both use sums by eights, the channel filter's reads of x depend (through
 an added zero) on the finished spatial filter gradient, so that XLA schedules
 the two one after the other and never holds both first partials at once.
 
-**The forward stores the filters once.** Each pass over the taps reads a
-spatial filter value for every channel and a channel filter value for every
-pixel. Left to itself, XLA fuses the filters' producers (in a network, the
-tail of FilterNorm) into the forward's loop and recomputes them at every
-read. `_stored_filters` prevents that with a construct XLA does not fuse into
-the loops that read it, a dot: an exact product with the K x K identity.
+**The filters are stored once.** Each pass over the taps reads a spatial
+filter value for every channel and a channel filter value for every pixel.
+Left to itself, XLA fuses the filters' producers (in a network, FilterNorm)
+into those loops and recomputes them at every read, in the forward and in
+each backward pass. `store_filters`, the hook `make_ddf_op` calls before the
+forward, prevents that with a construct XLA does not fuse into the loops that
+read it, a dot: an exact product with the K x K identity. Its outputs are the
+backward's residuals, so the backward reads the same stored arrays.
 `lax.optimization_barrier` would say the same more plainly, but XLA:CPU
-removes barriers before it fuses. The backward reads the filters as given:
-the same product there made XLA:CPU hold more temporaries than the op's
-memory budget (at most 4x the bytes of x) allows. The measured costs are in
-BENCHMARKS.md.
+removes barriers before it fuses. The measured costs are in BENCHMARKS.md.
 
 The identity products are the only dots, taken at the highest precision, so
 float32 inputs never run at reduced (TF32) precision on a GPU. The constants
@@ -163,22 +162,41 @@ def _per_channel(spatial_tap: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(spatial_tap, channels // heads, axis=-1)
 
 
-def _stored_filters(channel_filter, spatial_filter, acc):
-    """The filters in the accumulation dtype, as arrays XLA must store: cf as (N, K, C), sf as given.
+def store_filters(channel_filter, spatial_filter):
+    """The filters, unchanged in value, shape and dtype, as arrays XLA must store.
 
-    Both are products with the K x K identity, exact for finite filters (each
-    output element is 1 * value plus 0 * the other values; an inf or NaN tap
-    makes the other taps of its filter NaN, where the output is non-finite
-    anyway). XLA does not fuse a dot into the
-    loops that read it, so the filters' producers run once instead of once per
-    channel (sf) or per pixel (cf) in every pass over the taps. The transposed
-    cf is read contiguously along C.
+    `make_ddf_op`'s hook: the forward reads these, and so does the backward (they
+    are its residuals). Each is a product with the K x K identity, accumulated
+    in float32 (float64 for float64) and cast back, which is exact for finite
+    filters (each output element is 1 * value plus 0 * the other values; an
+    inf or NaN tap makes the other taps of its filter NaN, where the output is
+    non-finite anyway). XLA does not fuse a dot into the loops that read it, so
+    the filters' producers run once, instead of once per channel (sf) or per
+    pixel (cf) in every pass over the taps.
+
+    The stored sf is a residual as large as sf. Where a spatial filter has more
+    taps than half the channels (G*K > C/2; sf is then over half of x at stride
+    1), it would take the vjp's temporaries past the op's budget of 4x the
+    bytes of x, and both filters are passed on as given (storing cf alone
+    also moved XLA:CPU's schedule past the budget there).
     """
-    eye = jnp.eye(channel_filter.shape[-1], dtype=acc)
+    if not _spatial_filter_is_stored(channel_filter, spatial_filter):
+        return channel_filter, spatial_filter
+    return _stored(channel_filter, "nct,tk->nck"), _stored(spatial_filter, "nijgt,tk->nijgk")
+
+
+def _spatial_filter_is_stored(channel_filter, spatial_filter) -> bool:
+    """Whether `store_filters` stores the filters: G*K at most half of C."""
+    heads, taps = spatial_filter.shape[-2:]
+    return 2 * heads * taps <= channel_filter.shape[1]
+
+
+def _stored(a: jax.Array, subscripts: str, dtype=None) -> jax.Array:
+    """`a` (in `dtype`, default a's), laid out by `subscripts`, through an exact product with the identity."""
+    acc = accumulation_dtype(a.dtype)  # (XLA:CPU has no bfloat16 x bfloat16 -> float32 dot)
+    eye = jnp.eye(a.shape[-1], dtype=acc)
     highest = lax.Precision.HIGHEST  # exact on GPUs too (no TF32 rounding)
-    cf = jnp.einsum("nct,tk->nkc", channel_filter.astype(acc), eye, precision=highest)
-    sf = jnp.einsum("nijgt,tk->nijgk", spatial_filter.astype(acc), eye, precision=highest)
-    return cf, sf
+    return jnp.einsum(subscripts, a.astype(acc), eye, precision=highest).astype(dtype or a.dtype)
 
 
 def _zero_after(a: jax.Array) -> jax.Array:
@@ -249,7 +267,11 @@ def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     _, out_h, out_w, _, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype)
     xp = _padded_input(x, config, out_h, out_w)
-    cf, sf = _stored_filters(channel_filter, spatial_filter, acc)
+    # cf as (N, K, C), read contiguously along C, stored (a transpose would be
+    # fused into the loop below as a strided read); sf stored unless `store_filters` did.
+    cf = _stored(channel_filter, "nct,tk->nkc", acc)
+    stored = _spatial_filter_is_stored(channel_filter, spatial_filter)
+    sf = spatial_filter.astype(acc) if stored else _stored(spatial_filter, "nijgt,tk->nijgk", acc)
     out = jnp.zeros((n, out_h, out_w, c), acc)
     for t, dy, dx in config.tap_offsets():
         weight = combine_filters(_per_channel(sf[..., t], c), cf[:, None, None, t, :], config.combine)
@@ -458,7 +480,7 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
     return dx, d_channel, d_spatial
 
 
-ddf_xla = make_ddf_op(forward, backward, "xla")
+ddf_xla = make_ddf_op(forward, backward, "xla", store_filters=store_filters)
 
 
 def get_op(platform: str):
