@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -47,7 +48,12 @@ def standardize_filters(filters: Array) -> Array:
     unchanged (only FilterNorm's scale applies), which keeps a 1x1 DDF a useful
     dynamic gate instead of a layer whose output is always zero.
 
-    Statistics are computed in float32 (float64 for float64 input).
+    Statistics are computed in float32 (float64 for float64 input). Every sum
+    over the taps, in the forward and in its gradient (written out, a
+    `jax.custom_vjp`), is a sum of the K tap slices, so that both passes are
+    elementwise loops over the filters: XLA:CPU runs reductions over a short
+    minor axis, and autodiff's transposed broadcasts are such reductions, many
+    times slower.
 
     Args:
         filters: (..., K), any floating dtype.
@@ -57,16 +63,56 @@ def standardize_filters(filters: Array) -> Array:
     """
     compute_dtype = jnp.promote_types(jnp.result_type(filters), jnp.float32)
     filters = jnp.asarray(filters, compute_dtype)
-    taps = filters.shape[-1]
-    if taps == 1:
+    if filters.shape[-1] == 1:
         return filters
-    centred = filters - jnp.mean(filters, axis=-1, keepdims=True)
-    variance = jnp.sum(centred * centred, axis=-1, keepdims=True) / (taps - 1)
+    return _standardize(filters)
+
+
+def _sum_over_taps(a: Array) -> Array:
+    """The sum over the last axis, kept as a length-1 axis, as a sum of its slices."""
+    total = a[..., 0]
+    for t in range(1, a.shape[-1]):
+        total = total + a[..., t]
+    return total[..., None]
+
+
+def _statistics(filters: Array) -> tuple[Array, Array, Array]:
+    """(centred filters, std, whether the variance is positive), std and mask with a length-1 tap axis."""
+    taps = filters.shape[-1]
+    centred = filters - _sum_over_taps(filters) / taps
+    variance = _sum_over_taps(centred * centred) / (taps - 1)
     nonconstant = variance > 0
-    # sqrt only ever sees positive values, so its gradient stays finite.
+    # sqrt only ever sees positive values.
     std = jnp.sqrt(jnp.where(nonconstant, variance, 1.0))
-    standardized = centred / (std + _STD_EPSILON)
-    return jnp.where(nonconstant, standardized, 0.0)
+    return centred, std, nonconstant
+
+
+@jax.custom_vjp
+def _standardize(filters: Array) -> Array:
+    """`standardize_filters` for K > 1 taps in the compute dtype."""
+    centred, std, nonconstant = _statistics(filters)
+    return jnp.where(nonconstant, centred / (std + _STD_EPSILON), 0.0)
+
+
+def _standardize_fwd(filters):
+    return _standardize(filters), filters
+
+
+def _standardize_bwd(filters, grad):
+    """With z = c / (s + eps), c = f - mean(f), s = sqrt(sum(c^2) / (K - 1)):
+    dL/dc = g / (s + eps) - c * sum(g * c) / ((s + eps)^2 * s * (K - 1)), and
+    dL/df = dL/dc - mean(dL/dc); zero where the filter is constant."""
+    taps = filters.shape[-1]
+    centred, std, nonconstant = _statistics(filters)
+    denominator = std + _STD_EPSILON
+    grad = jnp.where(nonconstant, grad, 0.0)
+    d_centred = grad / denominator - centred * (
+        _sum_over_taps(grad * centred) / (denominator * denominator * std * (taps - 1))
+    )
+    return (d_centred - _sum_over_taps(d_centred) / taps,)
+
+
+_standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 class FilterNorm(nnx.Module):
