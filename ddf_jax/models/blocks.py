@@ -24,9 +24,45 @@ CONV2_KINDS = ("conv", "ddf_mul", "ddf_add")
 kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class PointwiseConv(nnx.Conv):
+    """A 1x1 `nnx.Conv` without padding, computed as a product over channels (NHWC).
+
+    The parameters are those of `nnx.Conv` (``kernel`` (1, 1, C_in, C_out),
+    optional ``bias``), and so is the result, up to rounding: output pixel
+    (i, j) is input pixel (i*s, j*s) times the kernel. XLA:CPU computes a 1x1
+    conv's weight gradient through transposed copies of the activations, which
+    made them most of a ResNet-50 train step there; the product costs a
+    fraction of that (BENCHMARKS.md).
+    """
+
+    def __call__(self, inputs):
+        """Applies the conv.
+
+        Args:
+            inputs: (N, H, W, C_in).
+
+        Returns:
+            (N, ceil(H / s), ceil(W / s), C_out), in the promoted dtype.
+        """
+        stride = self.strides if isinstance(self.strides, int) else self.strides[0]
+        if stride != 1:
+            inputs = inputs[:, ::stride, ::stride]
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        out = jnp.einsum("nhwc,cd->nhwd", inputs, kernel[0, 0], precision=self.precision,
+                         preferred_element_type=self.preferred_element_type)
+        return out if bias is None else out + bias
+
+
 def conv_layer(in_features, out_features, kernel_size, stride, *, dtype, param_dtype, rngs) -> nnx.Conv:
-    """A bias-free conv with PyTorch-style symmetric padding (k // 2 on each side)."""
+    """A bias-free conv with PyTorch-style symmetric padding (k // 2 on each side); a
+    `PointwiseConv` for kernel_size 1."""
     pad = kernel_size // 2
+    if kernel_size == 1:
+        return PointwiseConv(
+            in_features, out_features, (1, 1), strides=stride, padding="VALID", use_bias=False, dtype=dtype,
+            param_dtype=param_dtype, kernel_init=kaiming_normal_fan_out, rngs=rngs,
+        )
     return nnx.Conv(
         in_features,
         out_features,
