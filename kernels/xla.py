@@ -174,11 +174,11 @@ def store_filters(channel_filter, spatial_filter):
     the filters' producers run once, instead of once per channel (sf) or per
     pixel (cf) in every pass over the taps.
 
-    The stored sf is a residual as large as sf. Where a spatial filter has more
-    taps than half the channels (G*K > C/2; sf is then over half of x at stride
-    1), it would take the vjp's temporaries past the op's budget of 4x the
-    bytes of x, and both filters are passed on as given (storing cf alone
-    also moved XLA:CPU's schedule past the budget there).
+    The stored sf is a residual as large as sf: G*K/C times the bytes of x at
+    stride 1. It is stored only where that leaves the vjp's temporaries within
+    the op's budget of 4x the bytes of x (`_spatial_filter_is_stored`);
+    elsewhere both filters are passed on as given (storing cf alone also moved
+    XLA:CPU's schedule past the budget there).
     """
     if not _spatial_filter_is_stored(channel_filter, spatial_filter):
         return channel_filter, spatial_filter
@@ -186,9 +186,13 @@ def store_filters(channel_filter, spatial_filter):
 
 
 def _spatial_filter_is_stored(channel_filter, spatial_filter) -> bool:
-    """Whether `store_filters` stores the filters: G*K at most half of C."""
+    """Whether `store_filters` stores the filters: G*K at most 3/4 of C for 3x3 filters, at most
+    2/5 of C for larger ones (whose backward holds more temporaries of its own)."""
     heads, taps = spatial_filter.shape[-2:]
-    return 2 * heads * taps <= channel_filter.shape[1]
+    channels = channel_filter.shape[1]
+    if taps <= 9:
+        return 4 * heads * taps <= 3 * channels
+    return 5 * heads * taps <= 2 * channels
 
 
 def _stored(a: jax.Array, subscripts: str, dtype=None) -> jax.Array:

@@ -69,10 +69,26 @@ def test_filter_norm_gradient_finite_on_constant_taps():
         assert np.isfinite(np.asarray(leaf)).all()
 
 
-def test_filter_norm_float64_gradients():
+@pytest.mark.parametrize("taps", [9, 25])
+def test_filter_norm_float64_gradients(taps):
     with jax.enable_x64(True):
-        filters = _normal(0, (3, 2, 9), jnp.float64)
+        filters = _normal(0, (3, 2, taps), jnp.float64)
         check_grads(jax.jit(standardize_filters), (filters,), order=2, modes=("rev",), eps=1e-4)
+
+
+@pytest.mark.parametrize("taps", [9, 25, 49])
+def test_filter_norm_gradient_equals_autodiff_of_the_official_formula(taps):
+    """The written-out gradient against autodiff of `_official_filter_norm_jnp` (float64, no constant filters)."""
+    with jax.enable_x64(True):
+        filters = _normal(0, (4, 3, taps), jnp.float64) * 0.7 + 0.2
+        weights = _normal(1, (4, 3, taps), jnp.float64)
+        ours = jax.grad(lambda f: jnp.sum(standardize_filters(f) * weights))(filters)
+        official = jax.grad(lambda f: jnp.sum(_official_filter_norm_jnp(f) * weights))(filters)
+        # Two float64 evaluations of the same derivative: sums over K taps in another order, so
+        # element-wise within K unit roundoffs of the largest element.
+        ours, official = np.asarray(ours), np.asarray(official)
+        bound = taps * np.finfo(np.float64).eps * np.abs(official).max()
+        np.testing.assert_array_less(np.abs(ours - official), bound)
 
 
 def test_filter_norm_kernel_size_one():

@@ -184,10 +184,15 @@ def test_default_implementation_is_xla_until_gpu_kernels_are_verified():
 # --- XLA only ---------------------------------------------------------------------
 
 
-def test_xla_gradient_memory_stays_small():
-    """The jitted gradient never holds k*k shifted copies of x."""
-    x, cf, sf = random_inputs(0, 2, 28, 28, 32, 5)
-    grad = jax.jit(jax.grad(lambda *a: ddf_jax.ddf(*a, kernel_size=5, implementation="xla").sum(), (0, 1, 2)))
+@pytest.mark.parametrize("c, k, heads", [
+    # On both sides of where the op stores the filters (G*K against C) and keeps them as residuals.
+    (32, 5, None), (64, 5, None), (50, 5, None), (49, 7, None), (9, 3, None), (12, 3, None), (32, 3, 2),
+])
+def test_xla_gradient_memory_stays_small(c, k, heads):
+    """The jitted gradient stays within 4x the bytes of x: it never holds k*k shifted copies of x,
+    and the stored filters it keeps for the backward fit beside the backward's own temporaries."""
+    x, cf, sf = random_inputs(0, 2, 28, 28, c, k, heads=heads)
+    grad = jax.jit(jax.grad(lambda *a: ddf_jax.ddf(*a, kernel_size=k, implementation="xla").sum(), (0, 1, 2)))
     analysis = grad.lower(x, cf, sf).compile().memory_analysis()
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
