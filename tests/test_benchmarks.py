@@ -13,6 +13,7 @@ from flax import nnx
 
 import ddf_jax
 from ddf_jax import models
+from ddf_jax.kernels import DDFConfig
 from experiments import benchmark_model, benchmark_op, device_timing
 from experiments.benchmark_op import depthwise_conv, min_bytes, unfold_ddf
 from tests.utils import random_ddf_inputs
@@ -216,3 +217,38 @@ def test_a_gpu_row_faster_than_the_copy_is_flagged():
     assert not slow.as_dict()["suspect"]
     # On the CPU the copy reference is one XLA loop, not a bound.
     assert not benchmark_op.Row(shape, "xla", "fwd", 1e-6, 10**6, 1, 0.0, 5e11, backend="cpu").as_dict()["suspect"]
+
+
+def test_layer_benchmark_rows_and_ratios_to_the_conv():
+    from experiments import benchmark_layer
+
+    rows = benchmark_layer.measure((2, 9, 7, 8), 3, 2, jnp.float32, cache_bytes=1)
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (layer, mode) for layer in benchmark_layer.LAYERS for mode in ("fwd", "fwd+bwd")]
+    for row in rows:
+        conv = next(r for r in rows if r["layer"] == "conv" and r["mode"] == row["mode"])
+        assert row["ms"] > 0 and row["vs_conv"] == pytest.approx(row["ms"] / conv["ms"])
+    assert "| (2,9,7,8) | 3 | 2 | ddf, op free | fwd+bwd |" in benchmark_layer.table(rows)
+
+
+def test_layer_benchmark_stand_in_op_reads_both_filters():
+    from experiments import benchmark_layer
+
+    x, cf, sf, _ = random_ddf_inputs(0, 2, 5, 4, 8, 3, heads=1)
+    config = DDFConfig(3, 2)
+    assert benchmark_layer.free_op(x, cf, sf, config).shape == (2, 3, 2, 8)
+    grads = jax.grad(lambda *a: benchmark_layer.free_op(*a, config).sum(), (1, 2))(x, cf, sf)
+    assert all(bool(jnp.all(g != 0)) for g in grads)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "2,9,7"], "must be N,H,W,C"),
+    (["--kernel-size", "4"], "--kernel-size must be odd"),
+    (["--implementation", "cuda"], "--implementation must be one of"),
+])
+def test_layer_benchmark_rejects_bad_arguments(argv, message, capsys):
+    from experiments import benchmark_layer
+
+    with pytest.raises(SystemExit):
+        benchmark_layer.main(argv)
+    assert message in capsys.readouterr().err
