@@ -14,7 +14,7 @@ from flax import nnx
 import ddf_jax
 import ddf_jax.linen
 from ddf_jax.nn import DDF, DDFUp
-from tests.test_nn import _normal, _random_module
+from tests.layer_reference import normal, random_module
 
 
 # ---------------------------------------------------------------------------
@@ -44,17 +44,17 @@ def _linen_params(nnx_module):
 @pytest.mark.parametrize("guide_features", [None, 3])
 def test_linen_layers_give_the_nnx_outputs_and_gradients(guide_features):
     """The same (random, non-zero) parameters give the NNX layer's outputs and gradients; positional == keyword."""
-    x = _normal(1, (2, 7, 5, 6))
+    x = normal(1, (2, 7, 5, 6))
     if guide_features is None:
         positional = ddf_jax.linen.DDF(6, 3, 2, 1, 2, 0.5)
         keyword = ddf_jax.linen.DDF(in_features=6, stride=2, heads=2, se_ratio=0.5)
-        module = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
+        module = random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
         inputs = (x,)
     else:
         positional = ddf_jax.linen.DDFUp(6, 2, 3, 1, 2, 0.5, "mul", "linear", 3, guide_features)
         keyword = ddf_jax.linen.DDFUp(in_features=6, heads=2, se_ratio=0.5, guide_features=guide_features)
-        module = _random_module(DDFUp, 6, heads=2, se_ratio=0.5, guide_features=guide_features)
-        inputs = (x, _normal(2, (2, 7, 5, guide_features)))
+        module = random_module(DDFUp, 6, heads=2, se_ratio=0.5, guide_features=guide_features)
+        inputs = (x, normal(2, (2, 7, 5, guide_features)))
     assert positional == keyword
 
     # Linen's init makes the NNX layer's parameter tree: names, shapes and dtypes.
@@ -85,7 +85,7 @@ def test_linen_model_init_apply_jit_and_grad():
             y = ddf_jax.linen.DDF(in_features=8, kernel_size=3, stride=2, heads=2, se_ratio=0.5)(linen.relu(y))
             return ddf_jax.linen.DDFUp(8, 2)(y)
 
-    x = _normal(1, (2, 6, 5, 3))
+    x = normal(1, (2, 6, 5, 3))
     model = Model()
     variables = jax.jit(model.init)(_linen_key(2), x)
     params = variables["params"]

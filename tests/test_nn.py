@@ -1,9 +1,7 @@
 """Tests of the NNX layers (ddf_jax.nn): DDF and DDFUp against an independent reference.
 
-The module-level reference below is an independent float64 NumPy forward of the
-official modules (FilterNorm with the official formula, 1x1 / depthwise convs,
-the channel MLP, and the loop reference of the op from tests/reference.py),
-fed with the parameters read from the NNX modules.
+The reference is tests/layer_reference.py: an independent float64 NumPy forward
+of the official modules, fed with the parameters read from the NNX modules.
 """
 
 import doctest
@@ -27,114 +25,7 @@ import ddf_jax.nn
 import ddf_jax.utils
 from ddf_jax.kernels import DDFConfig, get_op
 from ddf_jax.nn import DDF, DDFUp, FilterNorm
-from tests.reference import ddf_reference
-
-GAIN = {"relu": math.sqrt(2.0), "linear": 1.0}
-
-
-def _normal(seed, shape, dtype=jnp.float32):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
-
-
-def _np(param):
-    return np.asarray(param[...], np.float64)
-
-
-def _random_module(cls, *args, seed=0, **kwargs):
-    """Builds `cls(*args, **kwargs)` with NumPy-random parameters.
-
-    The structure comes from `nnx.eval_shape` (nothing is compiled); every
-    parameter is then filled from NumPy, normal(0, 0.5). Random, non-zero biases
-    and scales make the reference comparisons see every parameter. The real
-    initialisers are tested separately.
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(*args, rngs=nnx.Rngs(0), **kwargs)))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0.0, 0.5, leaf.shape).astype(leaf.dtype)), state)
-    return nnx.merge(graphdef, state)
-
-
-# Jitted calls: one compilation per configuration instead of op-by-op dispatch.
-_call = nnx.jit(lambda module, *args: module(*args))
-_param_grads = nnx.jit(nnx.grad(lambda module, *args: jnp.sum(jnp.sin(module(*args)))))
-
-
-# ---------------------------------------------------------------------------
-# Independent NumPy forward (float64) of the official modules.
-
-
-def np_filter_norm(filters, scale):
-    """Official FilterNorm: (f - mean) / (unbiased std + 1e-10) * scale; K = 1 keeps f."""
-    taps = filters.shape[-1]
-    if taps == 1:
-        return filters * scale
-    centred = filters - filters.mean(-1, keepdims=True)
-    std = np.sqrt((centred**2).sum(-1, keepdims=True) / (taps - 1))
-    return centred / (std + 1e-10) * scale
-
-
-def np_conv1x1(x, conv, stride):
-    kernel, bias = _np(conv.kernel), _np(conv.bias)
-    return x[:, ::stride, ::stride, :] @ kernel[0, 0] + bias
-
-
-def np_depthwise(x, conv):
-    kernel, bias = _np(conv.kernel), _np(conv.bias)  # (k, k, 1, C)
-    size = kernel.shape[0]
-    pad = size // 2
-    _, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = np.zeros_like(x) + bias
-    for dy in range(size):
-        for dx in range(size):
-            out += padded[:, dy : dy + h, dx : dx + w, :] * kernel[dy, dx, 0]
-    return out
-
-
-def np_spatial_branch(source, branch, stride, heads, kernel_size, nonlinearity):
-    if branch.depthwise is not None:
-        source = np_depthwise(source, branch.depthwise)
-        stride = 1
-    filters = np_conv1x1(source, branch.conv, stride)
-    n, h, w, _ = filters.shape
-    filters = filters.reshape(n, h, w, heads, kernel_size**2)
-    return np_filter_norm(filters, GAIN[nonlinearity] / kernel_size)
-
-
-def np_channel_branch(x, branch, kernel_size):
-    n, _, _, c = x.shape
-    pooled = x.mean(axis=(1, 2))
-    hidden = np.maximum(pooled @ _np(branch.fc1.kernel) + _np(branch.fc1.bias), 0.0)
-    filters = (hidden @ _np(branch.fc2.kernel) + _np(branch.fc2.bias)).reshape(n, c, kernel_size**2)
-    return np_filter_norm(filters, _np(branch.norm.scale).reshape(c, kernel_size**2))
-
-
-def np_ddf(x, layer, stride, dilation, heads, kernel_size, combine, nonlinearity):
-    x = np.asarray(x, np.float64)
-    cf = np_channel_branch(x, layer.channel_branch, kernel_size)
-    sf = np_spatial_branch(x, layer.spatial_branch, stride, heads, kernel_size, nonlinearity)
-    return ddf_reference(x, cf, sf, kernel_size, stride, dilation, combine)
-
-
-def np_ddf_up(x, layer, scale, dilation, heads, kernel_size, combine, nonlinearity, guide=None):
-    x = np.asarray(x, np.float64)
-    source = x if guide is None else np.asarray(guide, np.float64)
-    n, h, w, c = x.shape
-    out = np.zeros((n, h * scale, w * scale, c))
-    for i in range(scale):
-        for j in range(scale):
-            b = i * scale + j
-            cf = np_channel_branch(x, layer.channel_branches[b], kernel_size)
-            sf = np_spatial_branch(source, layer.spatial_branches[b], 1, heads, kernel_size, nonlinearity)
-            out[:, i::scale, j::scale, :] = ddf_reference(x, cf, sf, kernel_size, 1, dilation, combine)
-    return out
-
-
-def _assert_close(actual, expected, rtol=2e-4):
-    actual = np.asarray(actual, np.float64)
-    atol = rtol * max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
-
+from tests.layer_reference import assert_close, call, normal, np_ddf, np_ddf_up, param_grads, random_module
 
 # ---------------------------------------------------------------------------
 # Structure and parameter counts.
@@ -206,7 +97,7 @@ def test_default_initialisation():
     ids=["stride2-odd", "dilation2-heads2-add", "k5-stride3-heads3"],
 )
 def test_ddf_matches_numpy(shape, kernel_size, stride, dilation, heads, combine, nonlinearity):
-    layer = _random_module(
+    layer = random_module(
         DDF,
         shape[-1],
         kernel_size,
@@ -217,10 +108,10 @@ def test_ddf_matches_numpy(shape, kernel_size, stride, dilation, heads, combine,
         nonlinearity=nonlinearity,
         se_ratio=0.5,
     )
-    x = _normal(1, shape)
-    out = _call(layer, x)
+    x = normal(1, shape)
+    out = call(layer, x)
     assert out.shape == (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), shape[3])
-    _assert_close(out, np_ddf(x, layer, stride, dilation, heads, kernel_size, combine, nonlinearity))
+    assert_close(out, np_ddf(x, layer, stride, dilation, heads, kernel_size, combine, nonlinearity))
 
 
 @pytest.mark.parametrize(
@@ -229,7 +120,7 @@ def test_ddf_matches_numpy(shape, kernel_size, stride, dilation, heads, combine,
 )
 def test_ddf_up_matches_numpy(scale, heads, guide_features, dw_kernel_size, combine):
     c = 6
-    layer = _random_module(
+    layer = random_module(
         DDFUp,
         c,
         scale,
@@ -239,11 +130,11 @@ def test_ddf_up_matches_numpy(scale, heads, guide_features, dw_kernel_size, comb
         combine=combine,
         se_ratio=0.5,
     )
-    x = _normal(1, (2, 5, 4, c))
-    args = (x,) if guide_features is None else (x, _normal(2, (2, 5, 4, guide_features)))
-    out = _call(layer, *args)
+    x = normal(1, (2, 5, 4, c))
+    args = (x,) if guide_features is None else (x, normal(2, (2, 5, 4, guide_features)))
+    out = call(layer, *args)
     assert out.shape == (2, 5 * scale, 4 * scale, c)
-    _assert_close(out, np_ddf_up(x, layer, scale, 1, heads, 3, combine, "linear", *args[1:]))
+    assert_close(out, np_ddf_up(x, layer, scale, 1, heads, 3, combine, "linear", *args[1:]))
 
 
 # ---------------------------------------------------------------------------
@@ -280,25 +171,25 @@ def _identity_channel(branch, channels, taps, centre, spatial_scale, factor, see
 @pytest.mark.parametrize("stride", [1, 2])
 def test_ddf_identity_filters_return_input(stride):
     c, heads, k = 6, 2, 3
-    layer = _random_module(DDF, c, k, stride=stride, heads=heads, se_ratio=0.5)
+    layer = random_module(DDF, c, k, stride=stride, heads=heads, se_ratio=0.5)
     _identity_spatial(layer.spatial_branch, heads, k * k, centre=4)
     _identity_channel(layer.channel_branch, c, k * k, 4, math.sqrt(2.0) / k, 1.0, seed=0)
-    x = _normal(1, (2, 7, 6, c))
+    x = normal(1, (2, 7, 6, c))
     expected = np.asarray(x[:, ::stride, ::stride])
-    np.testing.assert_allclose(np.asarray(_call(layer, x)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(call(layer, x)), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("guide_features", [None, 3])
 def test_ddf_up_identity_filters_give_ordered_subpixels(guide_features):
     # Branch b = i*r + j filters with b+1 times the identity, so sub-pixel (i, j) is (b+1) * x.
     c, r, k = 6, 2, 3
-    layer = _random_module(DDFUp, c, r, k, heads=2, guide_features=guide_features, se_ratio=0.5)
+    layer = random_module(DDFUp, c, r, k, heads=2, guide_features=guide_features, se_ratio=0.5)
     for b in range(r * r):
         _identity_spatial(layer.spatial_branches[b], 2, k * k, centre=4)
         _identity_channel(layer.channel_branches[b], c, k * k, 4, 1.0 / k, b + 1.0, seed=b)
-    x = _normal(1, (2, 5, 4, c))
-    args = (x,) if guide_features is None else (x, _normal(2, (2, 5, 4, guide_features)))
-    out = np.asarray(_call(layer, *args))
+    x = normal(1, (2, 5, 4, c))
+    args = (x,) if guide_features is None else (x, normal(2, (2, 5, 4, guide_features)))
+    out = np.asarray(call(layer, *args))
     for i in range(r):
         for j in range(r):
             expected = (i * r + j + 1) * np.asarray(x)
@@ -310,10 +201,10 @@ def test_ddf_up_identity_filters_give_ordered_subpixels(guide_features):
 
 
 def test_jit_grad_and_split_merge():
-    layer = _random_module(DDF, 6, heads=3, stride=2, se_ratio=1.0)
-    x = _normal(1, (2, 7, 5, 6))
+    layer = random_module(DDF, 6, heads=3, stride=2, se_ratio=1.0)
+    x = normal(1, (2, 7, 5, 6))
     eager = layer(x)
-    chex.assert_trees_all_close(_call(layer, x), eager, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(call(layer, x), eager, rtol=1e-5, atol=1e-6)
 
     graphdef, state = nnx.split(layer)
     restored = nnx.merge(graphdef, state)
@@ -322,7 +213,7 @@ def test_jit_grad_and_split_merge():
     chex.assert_trees_all_close(functional, eager, rtol=1e-5, atol=1e-6)
 
     # Every parameter gets a finite, non-zero gradient; and x does too.
-    flat = nnx.to_flat_state(_param_grads(layer, x))
+    flat = nnx.to_flat_state(param_grads(layer, x))
     assert len(flat) == 7
     for path, leaf in flat:
         value = np.asarray(leaf[...])
@@ -333,9 +224,9 @@ def test_jit_grad_and_split_merge():
 
 def test_ddf_float64_gradients():
     with jax.enable_x64(True):
-        layer = _random_module(DDF, 4, stride=2, heads=2, se_ratio=0.5, param_dtype=jnp.float64)
+        layer = random_module(DDF, 4, stride=2, heads=2, se_ratio=0.5, param_dtype=jnp.float64)
         graphdef, state = nnx.split(layer)
-        x = _normal(1, (1, 5, 4, 4), jnp.float64)
+        x = normal(1, (1, 5, 4, 4), jnp.float64)
         apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
         check_grads(apply, (state, x), order=1, modes=("rev",), eps=1e-5)
 
@@ -344,13 +235,13 @@ def test_ddf_float64_gradients():
 def test_ddf_up_float64_gradients(guide_features):
     """check_grads through the parameters (inputs fixed) and through x and the guide (parameters fixed)."""
     with jax.enable_x64(True):
-        layer = _random_module(
+        layer = random_module(
             DDFUp, 4, 2, heads=2, guide_features=guide_features, se_ratio=0.5, param_dtype=jnp.float64
         )
         graphdef, state = nnx.split(layer)
-        inputs = (_normal(1, (1, 3, 4, 4), jnp.float64),)
+        inputs = (normal(1, (1, 3, 4, 4), jnp.float64),)
         if guide_features is not None:
-            inputs += (_normal(2, (1, 3, 4, guide_features), jnp.float64),)
+            inputs += (normal(2, (1, 3, 4, guide_features), jnp.float64),)
         apply = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))
         assert len(nnx.to_flat_state(state)) == 4 * (9 if guide_features is None else 7)
         check_grads(lambda state: apply(state, *inputs), (state,), order=1, modes=("rev",), eps=1e-5)
@@ -361,13 +252,13 @@ def test_data_parallel_pmap_and_sharded_jit():
     devices = jax.devices()
     if len(devices) < 4:
         pytest.skip("needs 4 devices (tests/conftest.py forces 4 CPU devices)")
-    layer = _random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
+    layer = random_module(DDF, 6, stride=2, heads=2, se_ratio=0.5)
     graphdef, state = nnx.split(layer)
 
     def apply(state, x):
         return nnx.merge(graphdef, state)(x)
 
-    x = _normal(1, (8, 7, 5, 6))
+    x = normal(1, (8, 7, 5, 6))
     expected = jax.jit(apply)(state, x)
 
     pmapped = jax.pmap(apply, in_axes=(None, 0))(state, x.reshape(4, 2, 7, 5, 6))
@@ -387,24 +278,24 @@ def test_data_parallel_pmap_and_sharded_jit():
 
 
 def test_bfloat16_compute_with_float32_params():
-    x = _normal(1, (2, 8, 6, 6))
-    reference = _random_module(DDF, 6, stride=2, se_ratio=0.5)
-    layer = _random_module(DDF, 6, stride=2, se_ratio=0.5, dtype=jnp.bfloat16)
+    x = normal(1, (2, 8, 6, 6))
+    reference = random_module(DDF, 6, stride=2, se_ratio=0.5)
+    layer = random_module(DDF, 6, stride=2, se_ratio=0.5, dtype=jnp.bfloat16)
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(layer, nnx.Param))} == {jnp.dtype(jnp.float32)}
     assert jax.eval_shape(layer.channel_branch, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     assert jax.eval_shape(layer.spatial_branch, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
-    out = _call(layer, x)
+    out = call(layer, x)
     assert out.dtype == jnp.bfloat16
-    expected = np.asarray(_call(reference, x))
+    expected = np.asarray(call(reference, x))
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=0.05 * np.abs(expected).max())
     grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2)))(layer)
     for leaf in jax.tree.leaves(grads):
         assert leaf.dtype == jnp.float32 and np.isfinite(np.asarray(leaf)).all()
 
-    up = _random_module(DDFUp, 6, 2, se_ratio=0.5, dtype=jnp.bfloat16)
-    up_out = _call(up, x)
+    up = random_module(DDFUp, 6, 2, se_ratio=0.5, dtype=jnp.bfloat16)
+    up_out = call(up, x)
     assert up_out.dtype == jnp.bfloat16 and up_out.shape == (2, 16, 12, 6)
-    up_expected = np.asarray(_call(_random_module(DDFUp, 6, 2, se_ratio=0.5), x))
+    up_expected = np.asarray(call(random_module(DDFUp, 6, 2, se_ratio=0.5), x))
     np.testing.assert_allclose(np.asarray(up_out, np.float32), up_expected, atol=0.05 * np.abs(up_expected).max())
 
 
@@ -419,9 +310,9 @@ def test_an_op_as_implementation_is_called_with_the_configuration():
         calls.append((x.shape, channel_filter.shape, spatial_filter.shape, config))
         return jnp.full((x.shape[0], 3, 2, x.shape[3]), 7.0)
 
-    layer = _random_module(DDF, 4, 5, stride=2, dilation=2, heads=2, combine="add", se_ratio=0.5, implementation=spy)
+    layer = random_module(DDF, 4, 5, stride=2, dilation=2, heads=2, combine="add", se_ratio=0.5, implementation=spy)
     assert layer.implementation is spy
-    out = _call(layer, _normal(0, (2, 6, 4, 4)))  # the spy records while jit traces
+    out = call(layer, normal(0, (2, 6, 4, 4)))  # the spy records while jit traces
     np.testing.assert_array_equal(np.asarray(out), 7.0)
     assert calls == [((2, 6, 4, 4), (2, 4, 25), (2, 3, 2, 2, 25), DDFConfig(5, 2, 2, "add"))]
 
@@ -432,11 +323,11 @@ def test_an_op_as_implementation_is_called_with_the_configuration():
         recorded.append(args[3])
         return xla(*args)
 
-    up = _random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5, implementation=passthrough)
-    x = _normal(1, (2, 5, 4, 6))
+    up = random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5, implementation=passthrough)
+    x = normal(1, (2, 5, 4, 6))
     graphdef, state = nnx.split(up)
-    by_name = nnx.merge(nnx.graphdef(_random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5)), state)
-    chex.assert_trees_all_close(_call(up, x), _call(by_name, x), rtol=0, atol=0)
+    by_name = nnx.merge(nnx.graphdef(random_module(DDFUp, 6, 2, dilation=2, se_ratio=0.5)), state)
+    chex.assert_trees_all_close(call(up, x), call(by_name, x), rtol=0, atol=0)
     assert recorded == [DDFConfig(3, 1, 2, "mul")] * 4
 
 
