@@ -170,7 +170,7 @@ cd "$SRC" || exit 1
 
 # --- env ------------------------------------------------------------------------------------
 run_stage env "$(stage_limit "${LIMIT_ENV[@]}")" "$LOGS/env.txt" \
-  "$PY" -m experiments.gpu_check_report env --commit "$COMMIT" --commit-source "$COMMIT_SOURCE" \
+  "$PY" -m experiments.gpu_check_env --commit "$COMMIT" --commit-source "$COMMIT_SOURCE" \
   --tree "$TREE" --site "$SITE" --json "$LOGS/env.json"
 
 # --- smoke ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""The GPU check's records: the environment, the smoke verdict, and the summary with its final table.
+"""The GPU check's verdicts: the implementations that passed the smoke stage, and the summary with
+its final table (the environment record is `experiments.gpu_check_env`).
 
 Used by `experiments/gpu_check.sh`:
-    python -m experiments.gpu_check_report env --commit SHA --commit-source git --tree HASH --json env.json
     python -m experiments.gpu_check_report implementations smoke.json    # passed ones, fastest first
     python -m experiments.gpu_check_report summary --work DIR --out summary.txt
 
@@ -15,114 +15,15 @@ out still gets its line.
 from __future__ import annotations
 
 import argparse
-import datetime
-import glob
-import importlib.metadata
-import importlib.util
 import json
-import os
 import pathlib
-import platform
 import re
-import shutil
-import subprocess
 import sys
 
 # Which test file checks which implementation.
 TEST_FILES = {"xla": "test_ops", "pallas_triton": "test_pallas_triton", "jax_triton": "test_jax_triton"}
-PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "flax", "optax", "chex", "numpy",
-            "triton", "jax-triton", "torch", "timm")
 _RESULT = re.compile(r"^(\S.*?::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 _COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)")
-
-# --------------------------------------------------------------------------------------
-# env
-# --------------------------------------------------------------------------------------
-
-
-def _run(cmd) -> str:
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        return (done.stdout or done.stderr).strip()
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"not available ({type(error).__name__})"
-
-
-def _ptxas_versions() -> dict:
-    """`ptxas --version` of each ptxas found: on PATH, in the triton wheel, in NVIDIA's wheels."""
-    found = {}
-    if shutil.which("ptxas"):
-        found["PATH"] = shutil.which("ptxas")
-    try:
-        spec = importlib.util.find_spec("triton")
-        if spec and spec.origin:
-            path = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
-            if path.exists():
-                found["triton"] = str(path)
-    except (ImportError, ValueError):
-        pass
-    for path in sorted(glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "**", "ptxas"),
-                                 recursive=True)):
-        found.setdefault(f"nvidia wheel {pathlib.Path(path).parent.parent.name}", path)
-    versions = {}
-    for where, path in found.items():
-        lines = _run([path, "--version"]).splitlines()
-        versions[where] = f"{lines[-1] if lines else '?'} ({path})"
-    return versions
-
-
-def carried_packages(site: str) -> dict:
-    """{name version: import result} of each distribution installed into the private folder `site`.
-
-    Importing them here is what tells a broken carried package from a missing one early (on a
-    CPU-only jax, jax_triton's import fails by design).
-    """
-    carried = {}
-    if not site or not os.path.isdir(site):
-        return carried
-    for dist in importlib.metadata.distributions(path=[site]):
-        top = (dist.read_text("top_level.txt") or dist.metadata["Name"].replace("-", "_")).split()
-        results = []
-        for module in top:
-            try:
-                done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
-                                      timeout=60)
-                lines = done.stderr.strip().splitlines() or ["?"]
-                last = next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), lines[-1])
-                results.append(f"import {module}: " + ("ok" if done.returncode == 0 else f"fails ({last})"))
-            except subprocess.TimeoutExpired:
-                results.append(f"import {module}: took over 60 s")
-        carried[f"{dist.metadata['Name']} {dist.version}"] = "; ".join(results)
-    return carried
-
-
-def environment(commit: str, commit_source: str, tree: str, site: str = "") -> dict:
-    """The run's environment, without initialising any JAX backend (that is left to the stages)."""
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "commit_source": commit_source,
-        "tree_sha256": tree,
-        "host": platform.node(),
-        "python": sys.version.split()[0],
-        "packages": {},
-    }
-    for name in PACKAGES:
-        try:
-            env["packages"][name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            env["packages"][name] = None
-    smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem",
-                "--format=csv,noheader"])
-    env["nvidia_smi"] = smi
-    parts = [p.strip() for p in smi.split(",")] if "," in smi else []
-    env["device"] = parts[0] if parts else None
-    env["driver"] = parts[1] if len(parts) > 1 else None
-    env["ptxas"] = _ptxas_versions()
-    env["carried"] = carried_packages(site)
-    env["jax_platforms"] = os.environ.get("JAX_PLATFORMS", "")
-    return env
-
 
 # --------------------------------------------------------------------------------------
 # reading the stages' outputs
@@ -397,12 +298,6 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_env = sub.add_parser("env", help="print and record the environment")
-    p_env.add_argument("--commit", default="unknown")
-    p_env.add_argument("--commit-source", default="unknown")
-    p_env.add_argument("--tree", default="unknown")
-    p_env.add_argument("--site", default="", help="the private folder the carried wheels went into")
-    p_env.add_argument("--json", required=True)
     p_impl = sub.add_parser("implementations", help="print the implementations that passed the smoke check")
     p_impl.add_argument("smoke_json")
     p_sum = sub.add_parser("summary", help="write summary.txt and print the final table")
@@ -413,13 +308,7 @@ def main(argv=None) -> int:
     p_sum.add_argument("--total", default="?")
     args = parser.parse_args(argv)
 
-    if args.command == "env":
-        env = environment(args.commit, args.commit_source, args.tree, args.site)
-        with open(args.json, "w") as f:
-            json.dump(env, f, indent=1)
-        for key, value in env.items():
-            print(f"{key}: {value}")
-    elif args.command == "implementations":
+    if args.command == "implementations":
         print(",".join(passed_implementations(_read_json(args.smoke_json))))
     else:
         print(summary(args.work, args.out, args.dry_run, args.budget, args.total))
