@@ -58,8 +58,9 @@ def _env(devices: int) -> dict[str, str]:
     env.update(
         JAX_PLATFORMS="cpu",
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        # Set before jax is imported in the child: its number of CPU devices.
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # Set before jax is imported in the child: its number of CPU devices (and, as in
+        # conftest.py, no LLVM optimisation: every launch compiles more than it computes).
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )
     return env
