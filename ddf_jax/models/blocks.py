@@ -29,10 +29,10 @@ class PointwiseConv(nnx.Conv):
 
     The parameters are those of `nnx.Conv` (``kernel`` (1, 1, C_in, C_out),
     optional ``bias``), and so is the result, up to rounding: output pixel
-    (i, j) is input pixel (i*s, j*s) times the kernel. XLA:CPU computes a 1x1
-    conv's weight gradient through transposed copies of the activations, which
-    made them most of a ResNet-50 train step there; the product costs a
-    fraction of that (BENCHMARKS.md).
+    (i, j) is input pixel (i*s, j*s) times the kernel. On XLA:CPU the 1x1 convs
+    and the transposed copies of the activations their weight gradients took
+    were a large part of a ResNet-50 train step; as products they train it
+    faster there (BENCHMARKS.md).
     """
 
     def __call__(self, inputs):
