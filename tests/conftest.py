@@ -8,6 +8,7 @@ share, compiles each program once per run. It is removed at the end of the run;
 a JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
 """
 
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -17,8 +18,12 @@ _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # The tests compile far more than they compute, and check results, not speed: LLVM's
-# optimisation of the generated code is skipped (about a sixth of the suite's CPU time).
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+# optimisation of the generated code is skipped (about a sixth of the suite's CPU time) where
+# JAX has no CUDA plugin (on a GPU machine the GPU tests run as compiled for use).
+_HAS_CUDA_PLUGIN = any(
+    (dist.metadata["Name"] or "").lower().startswith("jax-cuda") for dist in importlib.metadata.distributions()
+)
+if not _HAS_CUDA_PLUGIN and "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
