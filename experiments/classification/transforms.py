@@ -1,4 +1,5 @@
-"""Image transforms for classification records, and the on-device normalisation.
+"""Image transforms for classification records, the normalisation statistics and the on-device
+normalisation.
 
 Records are `{"image": ..., "label": int32}`. The grain transforms run on the host
 (in the loader, or in its worker processes, which is why they are module-level
@@ -10,6 +11,8 @@ classes that pickle); `normalize` runs on the device inside the jitted step.
   training).
 * `ResizeCenterCrop`: bicubic resize of the shorter side, centre crop (ImageNet
   evaluation).
+* `resize_grey` (whole grey arrays, when a dataset is loaded) and
+  `channel_mean_std` (the training split's statistics for `normalize`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,24 @@ import numpy as np
 
 if TYPE_CHECKING:
     from experiments.classification.datasets import DatasetInfo
+
+
+def channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images (..., C), scaled to [0, 1]."""
+    x = images.astype(np.float64) / 255.0
+    axes = tuple(range(x.ndim - 1))
+    return tuple(float(v) for v in x.mean(axes)), tuple(float(v) for v in x.std(axes))
+
+
+def resize_grey(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, h, w) -> (N, size, size), bilinear; unchanged if already that size."""
+    from PIL import Image
+
+    if images.shape[1:] == (size, size):
+        return images
+    return np.stack([
+        np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR)) for im in images
+    ])
 
 
 def normalize(images, info: DatasetInfo, dtype=None):
