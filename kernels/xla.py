@@ -69,7 +69,10 @@ forward, prevents that with a construct XLA does not fuse into the loops that
 read it, a dot: an exact product with the K x K identity. Its outputs are the
 backward's residuals, so the backward reads the same stored arrays.
 `lax.optimization_barrier` would say the same more plainly, but XLA:CPU
-removes barriers before it fuses. The measured costs are in BENCHMARKS.md.
+removes barriers before it fuses. Every pass reads the channel filter as
+(N, K, C), stored by one more such product: read as (N, C, K), `cf[:, :, t]`
+is a strided load for every element of every tap. The measured costs are in
+BENCHMARKS.md.
 
 The identity products are the only dots, taken at the highest precision, so
 float32 inputs never run at reduced (TF32) precision on a GPU. The constants
@@ -294,8 +297,8 @@ def _cotangent_padding(config: DDFConfig) -> tuple[int, int]:
 
 
 def _input_gradient(gp, sf, cf, config: DDFConfig, h: int, w: int, acc) -> jax.Array:
-    """dx (N, H, W, C) from gp, grad_out padded by `_cotangent_padding`: per input
-    stride phase, a fused sum of windows of gp and sf."""
+    """dx (N, H, W, C) from gp, grad_out padded by `_cotangent_padding`, and cf as
+    (N, K, C): per input stride phase, a fused sum of windows of gp and sf."""
     s = config.stride
     before, after = _cotangent_padding(config)
     n, c = gp.shape[0], gp.shape[3]
@@ -314,7 +317,7 @@ def _input_gradient(gp, sf, cf, config: DDFConfig, h: int, w: int, acc) -> jax.A
                 # rows a - before ... of sf, zero outside.
                 shift = [(0, 0, 0), (before - a, a - before, 0), (before - b, b - before, 0), (0, 0, 0)]
                 sf_window = _per_channel(lax.pad(sf[..., t], jnp.zeros((), sf.dtype), shift).astype(acc), c)
-                total = total + g_window * combine_filters(sf_window, cf[:, None, None, :, t], config.combine)
+                total = total + g_window * combine_filters(sf_window, cf[:, None, None, t, :], config.combine)
             row.append(total)
         phases.append(row)
     if s == 1:
@@ -370,7 +373,8 @@ def channel_filter_method(g_shape, taps: int, x_size: int) -> str:
 
 
 def _spatial_filter_gradient(xp, g, cf, config: DDFConfig, heads: int, x_size: int, acc) -> jax.Array:
-    """d_spatial_filter (N, Ho, Wo, G, K): per tap, the sum over each head's channels of g * window_t (* cf_t)."""
+    """d_spatial_filter (N, Ho, Wo, G, K): per tap, the sum over each head's channels of g * window_t
+    (* cf_t, with cf as (N, K, C))."""
     n, out_h, out_w, c = g.shape
     group = c // heads
     taps = config.tap_offsets()
@@ -378,7 +382,7 @@ def _spatial_filter_gradient(xp, g, cf, config: DDFConfig, heads: int, x_size: i
     for t, dy, dx in taps:
         product = g.astype(acc) * _window(xp, config, dy, dx, out_h, out_w).astype(acc)
         if config.combine == "mul":
-            product = product * cf[:, None, None, :, t]
+            product = product * cf[:, None, None, t, :]
         products.append(product)
 
     if spatial_filter_method(g.shape, heads, len(taps), x_size) == "scalar":
@@ -470,7 +474,8 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
     _, h, w, _ = x.shape
     _, out_h, out_w, heads, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
-    cf = channel_filter.astype(acc)
+    # cf as (N, K, C), stored, as in the forward: every pass reads cf[:, t] along C.
+    cf = _stored(channel_filter, "nct,tk->nkc", acc)
     # Every pass reads the cotangent from one padded copy (which the dx gather
     # needs anyway). Read directly, the cotangent's producer (in a network, a
     # BatchNorm backward, say) would be fused into every pass and every tap.
