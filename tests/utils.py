@@ -5,6 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from ddf_jax import models
 
 
 def has_gpu() -> bool:
@@ -55,3 +58,21 @@ def fast_compile_options() -> dict:
             continue
         accepted[name] = value
     return accepted
+
+
+@functools.lru_cache(maxsize=None)
+def built_model(name, num_classes=1000):
+    """The model, initialised (cached).
+
+    Built for real: under `nnx.eval_shape` each draw from `nnx.Rngs` costs time
+    proportional to the layers traced so far (flax 0.12.8 asks the traced counter
+    for its sharding, and JAX's error message for that walks the whole trace), so
+    a 152-layer model builds several times faster for real.
+    """
+    return models.create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0))
+
+
+@functools.lru_cache(maxsize=None)
+def small_model(name):
+    """A real (initialised) CIFAR-style model: 1 input channel, 10 classes."""
+    return models.create_model(name, num_classes=10, in_chans=1, rngs=nnx.Rngs(0))
