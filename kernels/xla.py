@@ -178,10 +178,10 @@ def store_filters(channel_filter, spatial_filter):
     pixel (cf) in every pass over the taps.
 
     The stored sf is a residual as large as sf: G*K/C times the bytes of x at
-    stride 1. It is stored only where that leaves the vjp's temporaries within
-    the op's budget of 4x the bytes of x (`_spatial_filter_is_stored`);
-    elsewhere both filters are passed on as given (storing cf alone also moved
-    XLA:CPU's schedule past the budget there).
+    stride 1. It is stored only where G*K is small against C
+    (`_spatial_filter_is_stored`), so that the residual adds little to the
+    vjp's temporaries; elsewhere both filters are passed on as given (storing
+    cf alone also moved XLA:CPU's schedule to more temporaries there).
     """
     if not _spatial_filter_is_stored(channel_filter, spatial_filter):
         return channel_filter, spatial_filter
