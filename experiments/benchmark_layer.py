@@ -14,9 +14,10 @@ Per shape (N,H,W,C), three layers with the same input and output shapes:
 
 "fwd" is the jitted layer; "fwd+bwd" is the jitted gradient of sum(layer(x) * g)
 with respect to the parameters and x, for a random cotangent g. Timing is
-`experiments.device_timing.time_calls` over argument sets whose bytes exceed the
-cache. Reported: ms per call, the ratio to the conv in the same run, and the
-compiled program's temporaries over the bytes of x.
+`experiments.device_timing.time_interleaved` over argument sets whose bytes exceed
+the cache: the six (layer, mode) runs of a shape take turns. Reported: ms per
+call, the ratio to the conv in the same run, and the compiled program's
+temporaries over the bytes of x.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def measure(shape, kernel_size: int, stride: int, dtype, implementation=None, ca
     rng = np.random.default_rng(0)
     arg_sets = [(jnp.asarray(rng.normal(size=shape), dtype), jnp.asarray(rng.normal(size=out_shape), dtype))
                 for _ in range(sets)]
-    rows = []
+    calls, rows = [], []
     for name in LAYERS:
         graphdef, params = nnx.split(make_layer(name, c, kernel_size, stride, dtype, implementation))
 
@@ -75,17 +76,18 @@ def measure(shape, kernel_size: int, stride: int, dtype, implementation=None, ca
         def loss(params, x, g, graphdef=graphdef):
             return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) * g.astype(jnp.float32))
 
-        def forward_backward(x, g, params=params):
+        def forward_backward(x, g, params=params, loss=loss):
             return jax.grad(loss, argnums=(0, 1))(params, x, g)
 
         for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-            timing = device_timing.time_calls(fn, arg_sets)
-            memory = timing.compiled.memory_analysis()
-            rows.append({
-                "shape": list(shape), "k": kernel_size, "stride": stride, "dtype": jnp.dtype(dtype).name,
-                "layer": name, "mode": mode, "ms": timing.seconds * 1e3, "spread": timing.spread, "sets": sets,
-                "temp_over_x": memory.temp_size_in_bytes / x_bytes if memory is not None else None,
-            })
+            calls.append((fn, arg_sets, 1))
+            rows.append({"shape": list(shape), "k": kernel_size, "stride": stride, "dtype": jnp.dtype(dtype).name,
+                         "layer": name, "mode": mode, "sets": sets})
+    # All six runs take turns, so that the ratios to the conv compare like with like.
+    for row, timing in zip(rows, device_timing.time_interleaved(calls, max_seconds=2.0 * len(calls))):
+        memory = timing.compiled.memory_analysis()
+        row.update(ms=timing.seconds * 1e3, spread=timing.spread,
+                   temp_over_x=memory.temp_size_in_bytes / x_bytes if memory is not None else None)
     for row in rows:
         conv = next(r for r in rows if r["layer"] == "conv" and r["mode"] == row["mode"])
         row["vs_conv"] = row["ms"] / conv["ms"]

@@ -19,7 +19,9 @@ on the same data, in the same run:
 Method (`experiments/device_timing.py`): each row is the median over runs of
 one compiled program that calls the function many times in a loop, with no
 host synchronisation between calls, rotating among enough distinct input sets
-that their bytes exceed the cache three times (`--cache-mb`). Each row
+that their bytes exceed the cache three times (`--cache-mb`). A method's
+"fwd" and "fwd+bwd" runs take turns, so that their ratio is not moved by the
+machine's speed changing between the two. Each row
 reports the fewest bytes the call must move (`min_bytes`), the achieved
 bandwidth (those bytes over the time) and its fraction of the device's copy
 bandwidth, measured in the same run with the same method; the ratio to the
@@ -243,20 +245,24 @@ def bench_shape(
     rows: list[Row] = []
     reference = {}  # mode -> "xla" outputs of set 0
     for method in methods:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"  stop: time budget spent before {method}", file=log, flush=True)
+            return rows
         f, names = method_function(method, k, s)
+        # Both modes' runs take turns (`time_interleaved`), so fwd+bwd / fwd compares like with like.
+        calls, modes = [], {}
         for mode in MODES:
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"  stop: time budget spent before {method} {mode}", file=log, flush=True)
-                return rows
             fn, arg_names = (f, names) if mode == "fwd" else (with_vjp(f), names + ("g",))
             arg_sets = [tuple(inputs[a] for a in arg_names) for inputs in sets]
             nbytes = min_bytes(n, h, w, c, k, s, itemsize, mode)
-            iterations = device_timing.iterations_for(nbytes, count, target_seconds)
-            try:
-                timing = device_timing.time_calls(fn, arg_sets, iterations=iterations, max_seconds=8 * target_seconds + 0.3)
-            except ddf_jax.ImplementationUnavailable as error:
-                print(f"  skip {method}: {str(error).splitlines()[0]}", file=log, flush=True)
-                break
+            calls.append((fn, arg_sets, device_timing.iterations_for(nbytes, count, target_seconds)))
+            modes[mode] = (fn, arg_sets, nbytes)
+        try:
+            timings = device_timing.time_interleaved(calls, max_seconds=2 * (8 * target_seconds + 0.3))
+        except ddf_jax.ImplementationUnavailable as error:
+            print(f"  skip {method}: {str(error).splitlines()[0]}", file=log, flush=True)
+            continue
+        for (mode, (fn, arg_sets, nbytes)), timing in zip(modes.items(), timings):
             outputs = timing.outputs[0] if mode == "fwd+bwd" else (timing.outputs[0],)
             row = Row(shape, method, mode, timing.seconds, nbytes, timing.sets, timing.spread, copy_bw,
                       backend=jax.default_backend())

@@ -24,7 +24,8 @@ optimisations and a call takes milliseconds against microseconds of dispatch,
 each call is one dispatch of the compiled call, blocked on before the next.
 
 The outputs of the last run are returned, so callers can check that what they
-timed computes the right answer.
+timed computes the right answer. `time_interleaved` times several functions
+in alternating runs, for ratios between them.
 """
 
 from __future__ import annotations
@@ -135,10 +136,71 @@ def time_calls(
     Returns:
         A `Timing`.
     """
-    if not arg_sets:
-        raise ValueError("arg_sets must hold at least one argument tuple, got none")
-    arg_sets = tuple(tuple(args) for args in arg_sets)
+    return time_interleaved([(fn, arg_sets, iterations)], max_runs=max_runs, max_seconds=max_seconds,
+                            backend=backend)[0]
+
+
+def time_interleaved(
+    calls: Sequence[tuple[Callable, Sequence[tuple], int]],
+    *,
+    max_runs: int = 5,
+    max_seconds: float = 2.0,
+    backend: Optional[str] = None,
+) -> list[Timing]:
+    """Times several functions as `time_calls` does, their runs taking turns.
+
+    Each round runs every function once, in order, so a change in the
+    machine's speed during the measurement (other load, clock changes) falls
+    on all of them alike, and ratios between them are steadier than between
+    separate `time_calls`.
+
+    Args:
+        calls: (fn, arg_sets, iterations) per function, as for `time_calls`.
+        max_runs, max_seconds, backend: as for `time_calls`; `max_seconds`
+            bounds the timed rounds of all the functions together.
+
+    Returns:
+        One `Timing` per function, in the order of `calls`.
+    """
     single_call = (backend or jax.default_backend()) == "cpu"
+    runners = []
+    for fn, arg_sets, iterations in calls:
+        if not arg_sets:
+            raise ValueError("arg_sets must hold at least one argument tuple, got none")
+        runners.append(_runner(fn, tuple(tuple(args) for args in arg_sets), iterations, single_call))
+    outputs = []
+    first = 0.0
+    for run, _ in runners:  # warm-up
+        start = time.perf_counter()
+        outputs.append(run())
+        first += time.perf_counter() - start
+    runs = max(1, min(max_runs, int(max_seconds / max(first, 1e-9))))
+    times = [[] for _ in runners]
+    for _ in range(runs):
+        for i, (run, _) in enumerate(runners):
+            outputs[i] = None  # free the previous outputs before the next run allocates its own
+            start = time.perf_counter()
+            outputs[i] = run()
+            times[i].append(time.perf_counter() - start)
+    timings = []
+    for (fn, arg_sets, iterations), (_, compiled), fn_times, fn_outputs in zip(calls, runners, times, outputs):
+        median = statistics.median(fn_times)
+        calls_per_run = iterations * len(arg_sets)
+        timings.append(Timing(
+            seconds=median / calls_per_run,
+            spread=(max(fn_times) - min(fn_times)) / median,
+            runs=runs,
+            calls_per_run=calls_per_run,
+            sets=len(arg_sets),
+            outputs=fn_outputs,
+            compiled=compiled,
+            single_call=single_call,
+        ))
+    return timings
+
+
+def _runner(fn: Callable, arg_sets: tuple, iterations: int, single_call: bool):
+    """(run, compiled): `run()` makes one timed run of `fn` over `arg_sets` and returns its outputs."""
     if single_call:
         compiled = jax.jit(fn).lower(*arg_sets[0]).compile()
 
@@ -154,28 +216,7 @@ def time_calls(
         def run():
             return jax.block_until_ready(compiled(arg_sets))
 
-    start = time.perf_counter()
-    outputs = run()  # warm-up
-    first = time.perf_counter() - start
-    runs = max(1, min(max_runs, int(max_seconds / max(first, 1e-9))))
-    times = []
-    for _ in range(runs):
-        outputs = None  # free the previous outputs before the next run allocates its own
-        start = time.perf_counter()
-        outputs = run()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    calls = iterations * len(arg_sets)
-    return Timing(
-        seconds=median / calls,
-        spread=(max(times) - min(times)) / median,
-        runs=runs,
-        calls_per_run=calls,
-        sets=len(arg_sets),
-        outputs=outputs,
-        compiled=compiled,
-        single_call=single_call,
-    )
+    return run, compiled
 
 
 def time_dispatched(fn: Callable, arg_sets: Sequence[tuple], *, calls: int, runs: int = 3) -> float:

@@ -64,6 +64,31 @@ def test_time_calls_returns_each_sets_outputs(backend):
         chex.assert_trees_all_close(out, fn(a, b), rtol=0, atol=0)
 
 
+def test_time_interleaved_times_each_function_in_alternating_runs(monkeypatch):
+    rng = np.random.default_rng(1)
+    small = [(jnp.asarray(rng.normal(size=(4,)), jnp.float32),) for _ in range(2)]
+    large = [(jnp.asarray(rng.normal(size=(64, 64)), jnp.float32),) for _ in range(3)]
+    order = []
+    make_runner = device_timing._runner
+
+    def recording_runner(fn, arg_sets, iterations, single_call):
+        run, compiled = make_runner(fn, arg_sets, iterations, single_call)
+        name = "small" if arg_sets[0][0].ndim == 1 else "large"
+        return (lambda: order.append(name) or run()), compiled
+
+    monkeypatch.setattr(device_timing, "_runner", recording_runner)
+    timings = device_timing.time_interleaved(
+        [(lambda a: a + 1.0, small, 1), (lambda a: a @ a, large, 2)], max_runs=3, backend="cpu")
+    # One warm-up of each, then rounds in which every function runs once, in order.
+    runs = timings[0].runs
+    assert order == ["small", "large"] * (1 + runs) and timings[1].runs == runs
+    assert [t.calls_per_run for t in timings] == [2, 6] and [t.sets for t in timings] == [2, 3]
+    for (a,), out in zip(small, timings[0].outputs):
+        chex.assert_trees_all_close(out, a + 1.0, rtol=0, atol=0)
+    for (a,), out in zip(large, timings[1].outputs):
+        chex.assert_trees_all_close(out, a @ a, rtol=0, atol=0)
+
+
 def test_loop_program_chains_every_call_through_a_barrier_inside_one_loop():
     sets = tuple((jnp.full((4,), float(i)),) for i in range(3))
     text = jax.jit(device_timing.loop_program(lambda a: a * 2.0, 5)).lower(sets).as_text()
