@@ -70,9 +70,9 @@ read it, a dot: an exact product with the K x K identity. Its outputs are the
 backward's residuals, so the backward reads the same stored arrays.
 `lax.optimization_barrier` would say the same more plainly, but XLA:CPU
 removes barriers before it fuses. Every pass reads the channel filter as
-(N, K, C), stored by one more such product: read as (N, C, K), `cf[:, :, t]`
-is a strided load for every element of every tap. The measured costs are in
-BENCHMARKS.md.
+(N, K, C), row-major, stored by one more such product, batched over N
+(`_channel_filter_along_c`): read as (N, C, K), `cf[:, :, t]` is a strided
+load for every element of every tap. The measured costs are in BENCHMARKS.md.
 
 The identity products are the only dots, taken at the highest precision, so
 float32 inputs never run at reduced (TF32) precision on a GPU. The constants
@@ -206,6 +206,22 @@ def _stored(a: jax.Array, subscripts: str, dtype=None) -> jax.Array:
     return jnp.einsum(subscripts, a.astype(acc), eye, precision=highest).astype(dtype or a.dtype)
 
 
+def _channel_filter_along_c(channel_filter: jax.Array, dtype) -> jax.Array:
+    """The (N, C, K) channel filter as a stored (N, K, C) array in `dtype`, row-major.
+
+    An exact product with the identity, batched over N, so that the product's
+    own output is (N, K, C) in row-major order. Unbatched ("nct,tk->nkc"), the
+    product comes out as (K, N, C), XLA keeps that order as the array's layout,
+    and a sample's successive taps lie N * C elements apart: on XLA:CPU the
+    passes over the taps ran slower with it (BENCHMARKS.md).
+    """
+    acc = accumulation_dtype(channel_filter.dtype)
+    n, _, taps = channel_filter.shape
+    eye = jnp.broadcast_to(jnp.eye(taps, dtype=acc), (n, taps, taps))
+    highest = lax.Precision.HIGHEST
+    return jnp.einsum("nkt,nct->nkc", eye, channel_filter.astype(acc), precision=highest).astype(dtype)
+
+
 def _zero_after(a: jax.Array) -> jax.Array:
     """A scalar 0 that XLA can only compute once `a` is computed (finite or not)."""
     first = a.reshape(-1)[0]
@@ -276,7 +292,7 @@ def forward(x, channel_filter, spatial_filter, config: DDFConfig):
     xp = _padded_input(x, config, out_h, out_w)
     # cf as (N, K, C), read contiguously along C, stored (a transpose would be
     # fused into the loop below as a strided read); sf stored unless `store_filters` did.
-    cf = _stored(channel_filter, "nct,tk->nkc", acc)
+    cf = _channel_filter_along_c(channel_filter, acc)
     stored = _spatial_filter_is_stored(channel_filter, spatial_filter)
     sf = spatial_filter.astype(acc) if stored else _stored(spatial_filter, "nijgt,tk->nijgk", acc)
     out = jnp.zeros((n, out_h, out_w, c), acc)
@@ -475,7 +491,7 @@ def backward(x, channel_filter, spatial_filter, grad_out, config: DDFConfig):
     _, out_h, out_w, heads, _ = spatial_filter.shape
     acc = accumulation_dtype(x.dtype, channel_filter.dtype, spatial_filter.dtype, grad_out.dtype)
     # cf as (N, K, C), stored, as in the forward: every pass reads cf[:, t] along C.
-    cf = _stored(channel_filter, "nct,tk->nkc", acc)
+    cf = _channel_filter_along_c(channel_filter, acc)
     # Every pass reads the cotangent from one padded copy (which the dx gather
     # needs anyway). Read directly, the cotangent's producer (in a network, a
     # BatchNorm backward, say) would be fused into every pass and every tap.

@@ -10,6 +10,7 @@ before one is chosen), and the tests of XLA alone.
 
 import functools
 import itertools
+import re
 
 import chex
 import jax
@@ -222,6 +223,23 @@ def test_xla_gradient_memory_stays_small(c, k, heads):
     sf, and d_spatial_filter's taps before they are stacked), which at small C are as large as x."""
     temporaries, x, sf = _vjp_temporaries(2, 28, 28, c, k, heads=heads)
     assert temporaries <= 4 * x.nbytes + 2 * sf.nbytes, (temporaries / x.nbytes, sf.nbytes / x.nbytes)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_xla_reads_the_channel_filter_row_major(k):
+    """On XLA:CPU, every (N, K, C) array of the compiled forward + vjp, the channel filter the passes
+    over the taps read, is laid out row-major, so that cf[n, t] is contiguous and next to cf[n, t + 1]."""
+    n, c = 2, 12
+
+    def forward_and_vjp(x, cf, sf, g):
+        return _value_and_vjp(lambda *a: ddf_jax.ddf(*a, kernel_size=k, implementation="xla"), x, cf, sf, g)
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        x, cf, sf, g = random_ddf_inputs(2, n, 9, 11, c, k, 1)
+        text = jax.jit(forward_and_vjp).lower(x, cf, sf, g).compile().as_text()
+    layouts = re.findall(rf"f32\[{n},{k * k},{c}\]\{{([0-9,]+)\}}", text)
+    assert layouts, "no (N, K, C) array in the compiled program"
+    assert set(layouts) == {"2,1,0"}, layouts
 
 
 # --- the XLA backward's ways of summing the filter gradients -------------------
