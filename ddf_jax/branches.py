@@ -14,6 +14,7 @@ from flax import nnx
 from ddf_jax._checks import channel_branch_width, check_int, check_nhwc, check_odd
 from ddf_jax._types import Array, Dtype, Initializer, default_bias_init, default_kernel_init
 from ddf_jax.filter_norm import FilterNorm
+from ddf_jax.pointwise_conv import PointwiseConv
 
 
 class SpatialBranch(nnx.Module):
@@ -28,7 +29,7 @@ class SpatialBranch(nnx.Module):
 
     Attributes:
         depthwise: nnx.Conv (C -> C, feature_group_count=C), or None.
-        conv: nnx.Conv 1x1 (C -> G*K).
+        conv: PointwiseConv, a 1x1 nnx.Conv (C -> G*K).
         norm: FilterNorm("spatial"), no parameters.
 
     Example:
@@ -96,7 +97,7 @@ class SpatialBranch(nnx.Module):
             conv_stride = 1
         self.dw_kernel_size = dw_kernel_size
         # A 1x1 conv without padding reads input (i*s, j*s): ceil(H / s) rows.
-        self.conv = nnx.Conv(
+        self.conv = PointwiseConv(
             self.in_features, self.heads * self.taps, (1, 1), strides=conv_stride, padding="VALID", **conv_kwargs
         )
         self.norm = FilterNorm(self.kernel_size, filter_type="spatial", nonlinearity=nonlinearity, dtype=dtype)

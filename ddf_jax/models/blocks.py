@@ -15,6 +15,7 @@ from flax import nnx
 
 from ddf_jax.nn import DDF
 from ddf_jax.ops import Implementation
+from ddf_jax.pointwise_conv import PointwiseConv
 
 CONV2_KINDS = ("conv", "ddf_mul", "ddf_add")
 
@@ -22,36 +23,6 @@ CONV2_KINDS = ("conv", "ddf_mul", "ddf_add")
 # variance 2 / fan_out with fan_out = kh * kw * out_channels (HWIO) or
 # out_features (a dense (in, out) kernel, i.e. a 1x1 conv).
 kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-class PointwiseConv(nnx.Conv):
-    """A 1x1 `nnx.Conv` without padding, computed as a product over channels (NHWC).
-
-    The parameters are those of `nnx.Conv` (``kernel`` (1, 1, C_in, C_out),
-    optional ``bias``), and so is the result, up to rounding: output pixel
-    (i, j) is input pixel (i*s, j*s) times the kernel. On XLA:CPU the 1x1 convs
-    and the transposed copies of the activations their weight gradients took
-    were a large part of a ResNet-50 train step; as products they train it
-    faster there (BENCHMARKS.md).
-    """
-
-    def __call__(self, inputs):
-        """Applies the conv.
-
-        Args:
-            inputs: (N, H, W, C_in).
-
-        Returns:
-            (N, ceil(H / s), ceil(W / s), C_out), in the promoted dtype.
-        """
-        stride = self.strides if isinstance(self.strides, int) else self.strides[0]
-        if stride != 1:
-            inputs = inputs[:, ::stride, ::stride]
-        bias = self.bias[...] if self.bias is not None else None
-        inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-        out = jnp.einsum("nhwc,cd->nhwd", inputs, kernel[0, 0], precision=self.precision,
-                         preferred_element_type=self.preferred_element_type)
-        return out if bias is None else out + bias
 
 
 def conv_layer(in_features, out_features, kernel_size, stride, *, dtype, param_dtype, rngs) -> nnx.Conv:
