@@ -6,6 +6,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def _pair(value) -> tuple:
+    """An int as (value, value); a sequence as a tuple."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 class PointwiseConv(nnx.Conv):
     """A 1x1 `nnx.Conv` without padding, computed as a (pixels, C_in) x (C_in, C_out) product.
 
@@ -31,17 +36,17 @@ class PointwiseConv(nnx.Conv):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-        checks = {
-            "kernel_size": (tuple(self.kernel_size), (1, 1)),
+        checks = {  # name: (the value as a pair, or as given; what a 1x1 VALID conv has)
+            "kernel_size": (_pair(self.kernel_size), (1, 1)),
             "padding": (self.padding, "VALID"),
             "feature_group_count": (self.feature_group_count, 1),
-            "input_dilation": (self.input_dilation, 1),
-            "kernel_dilation": (self.kernel_dilation, 1),
+            "input_dilation": (_pair(self.input_dilation or 1), (1, 1)),
+            "kernel_dilation": (_pair(self.kernel_dilation or 1), (1, 1)),
         }
         for name, (value, expected) in checks.items():
-            if value not in (expected, None) and value != (expected,) * 2:
+            if value != expected:
                 raise ValueError(f"PointwiseConv needs {name}={expected!r}, got {value!r}")
+        strides = _pair(self.strides)
         if len(strides) != 2 or strides[0] != strides[1]:
             raise ValueError(f"PointwiseConv needs one stride for both axes, got strides={self.strides!r}")
         self.stride = int(strides[0])

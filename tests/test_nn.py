@@ -22,6 +22,7 @@ import ddf_jax.branches
 import ddf_jax.filter_norm
 import ddf_jax.linen
 import ddf_jax.nn
+import ddf_jax.pointwise_conv
 import ddf_jax.utils
 from ddf_jax.kernels import DDFConfig, get_op
 from ddf_jax.nn import DDF, DDFUp, FilterNorm
@@ -403,6 +404,7 @@ def test_docstring_examples():
     # initialisers compile about twice as fast on CPU. They print only shapes
     # and counts, which do not depend on the PRNG.
     with jax.default_prng_impl("unsafe_rbg"):
-        for module in (ddf_jax.nn, ddf_jax.filter_norm, ddf_jax.branches, ddf_jax.linen, ddf_jax.utils):
+        for module in (ddf_jax.nn, ddf_jax.filter_norm, ddf_jax.branches, ddf_jax.pointwise_conv, ddf_jax.linen,
+                       ddf_jax.utils):
             result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
             assert result.attempted > 0 and result.failed == 0, module.__name__
