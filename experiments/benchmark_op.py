@@ -239,8 +239,8 @@ def bench_shape(
     """
     n, h, w, c, k, s = shape
     itemsize = jnp.dtype(dtype).itemsize
-    fwd_bytes = min_bytes(n, h, w, c, k, s, itemsize, "fwd")
-    count = device_timing.num_sets(fwd_bytes, cache_bytes)
+    nbytes = {mode: min_bytes(n, h, w, c, k, s, itemsize, mode) for mode in MODES}
+    count = device_timing.num_sets(nbytes["fwd"], cache_bytes)
     sets = [make_inputs(shape, dtype, seed) for seed in range(count)]
     rows: list[Row] = []
     reference = {}  # mode -> "xla" outputs of set 0
@@ -250,21 +250,19 @@ def bench_shape(
             return rows
         f, names = method_function(method, k, s)
         # Both modes' runs take turns (`time_interleaved`), so fwd+bwd / fwd compares like with like.
-        calls, modes = [], {}
+        calls = []
         for mode in MODES:
             fn, arg_names = (f, names) if mode == "fwd" else (with_vjp(f), names + ("g",))
             arg_sets = [tuple(inputs[a] for a in arg_names) for inputs in sets]
-            nbytes = min_bytes(n, h, w, c, k, s, itemsize, mode)
-            calls.append((fn, arg_sets, device_timing.iterations_for(nbytes, count, target_seconds)))
-            modes[mode] = (fn, arg_sets, nbytes)
+            calls.append((fn, arg_sets, device_timing.iterations_for(nbytes[mode], count, target_seconds)))
         try:
             timings = device_timing.time_interleaved(calls, max_seconds=2 * (8 * target_seconds + 0.3))
         except ddf_jax.ImplementationUnavailable as error:
             print(f"  skip {method}: {str(error).splitlines()[0]}", file=log, flush=True)
             continue
-        for (mode, (fn, arg_sets, nbytes)), timing in zip(modes.items(), timings):
+        for mode, (fn, arg_sets, _), timing in zip(MODES, calls, timings):
             outputs = timing.outputs[0] if mode == "fwd+bwd" else (timing.outputs[0],)
-            row = Row(shape, method, mode, timing.seconds, nbytes, timing.sets, timing.spread, copy_bw,
+            row = Row(shape, method, mode, timing.seconds, nbytes[mode], timing.sets, timing.spread, copy_bw,
                       backend=jax.default_backend())
             if method == "xla":
                 reference[mode] = outputs
