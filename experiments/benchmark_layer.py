@@ -6,7 +6,8 @@ Usage (defaults: (8,56,56,64) float32, k = 3, stride 1):
 
 Per shape (N,H,W,C), three layers with the same input and output shapes:
 
-- "conv": `nnx.Conv(C, C, (k, k))`, bias-free, padding k // 2 (the ResNet conv2);
+- "conv": the ResNets' conv2, `ddf_jax.models.blocks.conv_layer(C, C, k, s)`
+  (bias-free, padding k // 2);
 - "ddf": `ddf_jax.nn.DDF(C, k)` with `--implementation` (branches, FilterNorm, op);
 - "ddf, op free": the same DDF layer with its op replaced by a stand-in that
   reads both filters and costs almost nothing, so the row is the cost of the
@@ -33,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import ddf_jax
+from ddf_jax.models.blocks import conv_layer
 from ddf_jax.nn import DDF
 from experiments import device_timing
 
@@ -49,9 +51,8 @@ def free_op(x, channel_filter, spatial_filter, config):
 def make_layer(name: str, channels: int, kernel_size: int, stride: int, dtype, implementation=None):
     """The layer of row `name` (one of LAYERS), in compute dtype `dtype`, float32 parameters."""
     if name == "conv":
-        pad = kernel_size // 2
-        return nnx.Conv(channels, channels, (kernel_size, kernel_size), strides=stride, padding=((pad, pad), (pad, pad)),
-                        use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
+        return conv_layer(channels, channels, kernel_size, stride, dtype=dtype, param_dtype=jnp.float32,
+                          rngs=nnx.Rngs(0))
     op = free_op if name == "ddf, op free" else implementation
     return DDF(channels, kernel_size, stride=stride, dtype=dtype, implementation=op, rngs=nnx.Rngs(0))
 
