@@ -39,7 +39,13 @@ HAS_GPU = has_gpu()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skips tests marked `gpu` when no GPU is present."""
+    """Skips tests marked `gpu` when no GPU is present, and puts the tests marked `slow` first.
+
+    Slow first, so that pytest-xdist hands them out at the start: started last, a
+    long test keeps one worker busy while the others have nothing left to run.
+    The order is otherwise unchanged.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

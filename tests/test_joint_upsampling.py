@@ -278,6 +278,7 @@ def test_train_model_resumes_exactly(tmp_path):
                           mesh)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_one_step_writes_results(tmp_path):
     config = tiny_config(models=("ddf_up_net",))
     config.model.base_features = 8  # DDF-Up's channel branch needs int(0.2 * C) >= 1.

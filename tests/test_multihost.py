@@ -178,6 +178,7 @@ def without_seconds(rows):
 # ----------------------------------------------------------------------------- classification
 
 
+@pytest.mark.slow
 def test_classification_two_processes_killed_and_restarted_equal_one_uninterrupted_process(tmp_path):
     """Two processes (one device each), both killed after checkpoint 2 and restarted, give
     exactly what one uninterrupted process on two devices gives.
@@ -238,6 +239,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_joint_upsampling_two_processes_equal_one_process(tmp_path):
     config_file = tmp_path / "tiny.py"
     config_file.write_text(JOINT_CONFIG)

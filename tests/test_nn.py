@@ -399,6 +399,7 @@ def test_call_errors():
         FilterNorm(3)(jnp.ones((2, 3, 3, 1, 4)))
 
 
+@pytest.mark.slow
 def test_docstring_examples():
     # The examples run eagerly; with the "unsafe_rbg" PRNG their parameter
     # initialisers compile about twice as fast on CPU. They print only shapes

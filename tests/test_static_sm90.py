@@ -73,6 +73,7 @@ def violations(rows: dict) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", kernel_report.GPU_IMPLEMENTATIONS)
 def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads(implementation, tmp_path):
     pytest.importorskip("triton", reason="the static check compiles with triton's CUDA backend")
