@@ -1,5 +1,5 @@
 """Test setup: 4 virtual CPU devices so that pmap and sharding run on a CPU machine, unoptimised
-code generation, and one compilation cache for the whole run.
+code generation, one compilation cache for the whole run, and the slow tests first.
 
 Many tests compile the same programs: a train step in every resume test, each
 experiment again in every process it starts. JAX's persistent compilation cache,
