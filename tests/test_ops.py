@@ -195,9 +195,8 @@ def _vjp_temporaries(n, h, w, c, k, stride=1, heads=None):
     x, cf, sf, g = random_ddf_inputs(0, n, h, w, c, k, stride, heads, np.float32)
 
     def vjp(x, cf, sf, g):
-        out, pullback = jax.vjp(
-            lambda *a: ddf_jax.ddf(*a, kernel_size=k, stride=stride, implementation="xla"), x, cf, sf)
-        return out, pullback(g)
+        return _value_and_vjp(lambda *a: ddf_jax.ddf(*a, kernel_size=k, stride=stride, implementation="xla"),
+                              x, cf, sf, g)
 
     analysis = jax.jit(vjp).lower(x, cf, sf, g).compile().memory_analysis()
     if analysis is None:
